@@ -1,0 +1,295 @@
+"""The node's configuration: one typed schema, loaded from a TOML file in ``listeners/``.
+
+Precedence: command-line options > environment variables > TOML file > defaults here. Every
+key may be overridden by an environment variable named ``DICOMNODE_<SECTION>__<KEY>`` (e.g.
+``DICOMNODE_NODE__PORT=11113``). Secrets are never written in the TOML: a destination names
+the environment variable or file that holds them. Defaults live in this module only.
+Relative paths in a TOML file are resolved against the project home (see :func:`home`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dicomnode.errors import ConfigError
+
+ENV_PREFIX = "DICOMNODE_"
+
+
+def home() -> Path:
+    """The folder that holds ``models/``, ``listeners/`` and ``sr_templates/``.
+
+    Looked up in order: ``$DICOMNODE_HOME``; the source checkout this package runs from;
+    ``<prefix>/share/dicomnode`` where ``pip install .`` puts them.
+    """
+    env = os.environ.get("DICOMNODE_HOME")
+    if env:
+        return Path(env).resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "models").is_dir() and (checkout / "sr_templates").is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "dicomnode"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Network identity of the listener."""
+
+    ae_title: str = "DICOMNODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    data_dir: Path = Path("var/dicomnode")
+    #: What to do with storage requests that are not CT: "reject" answers 0xA900-class
+    #: "Refused: SOP class not supported" at association time (no presentation context is
+    #: offered), "accept" stores them in the spool but never routes them to the pipeline.
+    non_ct: Literal["reject", "accept"] = "reject"
+    max_pdu: int = 0  # 0 = unlimited
+
+
+@dataclass(frozen=True)
+class CompletionConfig:
+    """When a series counts as complete (see ``dicomnode.series.completion``)."""
+
+    quiet_seconds: float = 5.0
+    #: Extra wait for a stack whose slice positions have a gap.
+    gap_timeout_seconds: float = 60.0
+    #: After the gap timeout: "fail" the job with the reason, or "warn" (process and carry
+    #: the warning into the report).
+    gap_policy: Literal["fail", "warn"] = "warn"
+    #: Relative tolerance on slice spacing when deciding that a stack is evenly spaced.
+    spacing_tolerance: float = 0.1
+
+
+@dataclass(frozen=True)
+class AssemblyConfig:
+    min_slices: int = 10
+    #: Largest relative deviation of a slice gap from the median gap.
+    spacing_tolerance: float = 0.1
+    #: Largest angle (degrees) between slice orientations that still counts as one orientation.
+    orientation_tolerance_deg: float = 1.0
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    model_dir: Path = Path("models/segmentation")
+    #: "auto" picks CUDA when present, else CPU.
+    device: str = "auto"
+    #: Components smaller than this (ml) are dropped.
+    min_lesion_ml: float = 0.5
+    probability_threshold: float = 0.5
+    sw_batch_size: int = 2
+    overlap: float = 0.25
+
+
+@dataclass(frozen=True)
+class RadiomicsConfig:
+    params_file: Path = Path("models/radiomics/tmb_protocol.yaml")
+    #: Crop the image to the lesion's bounding box plus this margin (mm) before filtering.
+    #: 0 filters the whole image exactly as pyradiomics does (slow on big CT); the margin
+    #: changes LoG/wavelet values only through border effects. Not specified by the paper.
+    crop_margin_mm: float = 0.0
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class PredictionConfig:
+    tmb_model_dir: Path = Path("models/tmb")
+    subtype_model_dir: Path = Path("models/subtypes")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    template_file: Path = Path("sr_templates/tid1500_tmb.toml")
+    manufacturer: str = "dicomnode"
+    institution_name: str = ""
+    device_observer_name: str = "dicomnode"
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """Where results go. ``kind`` selects the fields that matter.
+
+    - ``folder``: ``path``.
+    - ``stow``: ``url`` (DICOMweb root), optional ``username`` with ``password_env`` or
+      ``password_file``, or ``token_env`` / ``token_file`` for a bearer token;
+      ``timeout_seconds``; ``ca_file`` for a private CA.
+    - ``cstore``: ``ae_title``, ``host``, ``port``.
+    """
+
+    kind: Literal["folder", "stow", "cstore"] = "folder"
+    name: str = "results"
+    path: Path = Path("var/dicomnode/results")
+    url: str = ""
+    username: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    token_env: str = ""
+    token_file: str = ""
+    ca_file: str = ""
+    timeout_seconds: float = 30.0
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    completion: CompletionConfig = field(default_factory=CompletionConfig)
+    assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    radiomics: RadiomicsConfig = field(default_factory=RadiomicsConfig)
+    prediction: PredictionConfig = field(default_factory=PredictionConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    destinations: tuple[DestinationConfig, ...] = (DestinationConfig(),)
+
+    def resolve(self, path: Path) -> Path:
+        """A configured path, made absolute against the project home."""
+        return path if path.is_absolute() else home() / path
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn a TOML or environment value into the annotated type, or say which key is wrong."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+                    raise ValueError(value)
+                return value.lower() in {"1", "true", "yes"}
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if annotation is Path:
+            return Path(str(value))
+        if annotation is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        name = getattr(annotation, "__name__", str(annotation))
+        raise ConfigError(f"{where}: expected {name}, got {value!r}") from None
+    raise ConfigError(f"{where}: unsupported type {annotation}")  # pragma: no cover
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()}
+    return cls(**kwargs)
+
+
+def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def from_mapping(data: dict[str, Any], environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document (plus environment overrides) into a :class:`Config`."""
+    environ = os.environ if environ is None else environ
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(sections))})")
+    overrides = _env_overrides(environ)
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
+    for name in sections:
+        if name == "destinations":
+            continue
+        table = dict(data.get(name, {}))
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: expected a table")
+        table.update(overrides.pop(name, {}))
+        kwargs[name] = _build(hints[name], table, name)
+    destinations = data.get("destinations")
+    if destinations is not None:
+        if not isinstance(destinations, list) or not destinations:
+            raise ConfigError("destinations: expected a non-empty array of tables ([[destinations]])")
+        built = tuple(
+            _build(DestinationConfig, d, f"destinations[{i}]") for i, d in enumerate(destinations)
+        )
+        for i, d in enumerate(built):
+            _check_destination(d, f"destinations[{i}]")
+        kwargs["destinations"] = built
+    overrides.pop("destinations", None)
+    if overrides:
+        bad = next(iter(overrides))
+        raise ConfigError(f"environment {ENV_PREFIX}{bad.upper()}__...: unknown section {bad!r}")
+    return Config(**kwargs)
+
+
+def _check_destination(d: DestinationConfig, where: str) -> None:
+    if d.kind == "stow" and not d.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.url: a stow destination needs an http(s) DICOMweb URL")
+    if d.kind == "cstore" and not (d.ae_title and d.host and d.port):
+        raise ConfigError(f"{where}: a cstore destination needs ae_title, host and port")
+    if d.password_env and d.password_file:
+        raise ConfigError(f"{where}: give password_env or password_file, not both")
+    if d.token_env and d.token_file:
+        raise ConfigError(f"{where}: give token_env or token_file, not both")
+
+
+def load(path: Path | str | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Load and validate a listener configuration (defaults only when ``path`` is None)."""
+    if path is None:
+        return from_mapping({}, environ)
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return from_mapping(data, environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def with_changes(config: Config, section: str, **changes: Any) -> Config:
+    """A copy of ``config`` with some keys of one section replaced (CLI options)."""
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
+def read_secret(env_name: str, file_name: str) -> str | None:
+    """Read a secret from the named environment variable or file; ``None`` when neither is set."""
+    if env_name:
+        value = os.environ.get(env_name)
+        if value is None:
+            raise ConfigError(f"environment variable {env_name} (named in the config) is not set")
+        return value
+    if file_name:
+        try:
+            return Path(file_name).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"secret file {file_name}: {exc.strerror}") from None
+    return None
