@@ -1,0 +1,72 @@
+"""The composition root: the one place that builds the node's EDGE objects and wires them.
+
+``Node(config).start()`` opens the spool, the index and the job store under
+``config.node.data_dir``, starts the DICOM listener and the job runner thread; ``stop()`` shuts
+both down. Everything below this module receives its collaborators ready-made.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from dicomnode.config import Config
+from dicomnode.deliver import make_destination
+from dicomnode.jobs.runner import Runner
+from dicomnode.jobs.store import JobStore
+from dicomnode.pipeline import Pipeline
+from dicomnode.receive import start_listener
+from dicomnode.spool.index import Index
+from dicomnode.spool.store import Spool
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """A running dicomnode: listener + spool + index + jobs + runner."""
+
+    def __init__(self, config: Config, *, pipeline: Pipeline | None = None) -> None:
+        self.config = config
+        self.data_dir: Path = config.resolve(config.node.data_dir)
+        self.spool = Spool(self.data_dir / "spool")
+        self.index = Index(self.data_dir / "index.sqlite")
+        self.jobs = JobStore(self.data_dir / "jobs.sqlite")
+        self.runner = Runner(
+            config,
+            index=self.index,
+            jobs=self.jobs,
+            destinations=[make_destination(d) for d in config.destinations],
+            pipeline=(lambda: pipeline) if pipeline is not None else (lambda: Pipeline.from_config(config)),
+            results_root=self.data_dir / "results",
+        )
+        self._stop = threading.Event()
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._server = start_listener(self.config, self.spool, self.index)
+        log.info(
+            "listening as %s on %s:%d; data in %s",
+            self.config.node.ae_title, self.config.node.host, self.port, self.data_dir,
+        )
+        self._thread = threading.Thread(
+            target=self.runner.run_forever, args=(self._stop,), name="dicomnode-runner", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (the configured one, or the one the OS chose for port 0)."""
+        if self._server is None:
+            return self.config.node.port
+        return int(self._server.server_address[1])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.index.close()
+        self.jobs.close()

@@ -1,0 +1,131 @@
+"""The analysis and reporting core: datasets in, SEG + SR out (PURE: reads models, writes nothing).
+
+The same :class:`Pipeline` serves the listener's jobs, ``dicomnode process`` and the demo, so
+what a test proves on one path holds on the others. Models are loaded once, in
+:meth:`Pipeline.from_config`; :meth:`Pipeline.run` is then cheap to call per series.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pydicom import Dataset
+
+from dicomnode.analyse.predict import Predictor
+from dicomnode.analyse.radiomics import RadiomicsExtractor
+from dicomnode.analyse.segment import Segmenter
+from dicomnode.assemble import assemble
+from dicomnode.config import Config
+from dicomnode.report import SrTemplate, build_reports, load_template
+from dicomnode.types import Analysis, ReportSet, SeriesKey, Volume
+
+log = logging.getLogger(__name__)
+
+#: Called with a short description of the stage that starts (for progress display).
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one run of the pipeline produced."""
+
+    analysis: Analysis
+    reports: ReportSet
+    seconds: dict[str, float]
+
+
+class Pipeline:
+    """Assemble, segment, measure, predict and report one CT series."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        segmenter: Segmenter,
+        extractor: RadiomicsExtractor,
+        predictor: Predictor,
+        template: SrTemplate,
+    ) -> None:
+        self.config = config
+        self.segmenter = segmenter
+        self.extractor = extractor
+        self.predictor = predictor
+        self.template = template
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Pipeline":
+        """Load every model and the SR template named by ``config`` (the expensive part)."""
+        return cls(
+            config,
+            segmenter=Segmenter.from_config(config.segmentation, config),
+            extractor=RadiomicsExtractor.from_config(config.radiomics, config),
+            predictor=Predictor.from_config(config.prediction, config),
+            template=load_template(config.resolve(config.report.template_file)),
+        )
+
+    def assemble(
+        self, datasets: Sequence[Dataset], *, key: SeriesKey | None = None, allow_gaps: bool = False
+    ) -> Volume:
+        return assemble(datasets, self.config.assembly, key=key, allow_gaps=allow_gaps)
+
+    def analyse(self, volume: Volume, progress: Progress = _quiet) -> tuple[Analysis, dict[str, float]]:
+        seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        progress(f"segmenting {volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]}")
+        segmentation = self.segmenter.segment(volume)
+        seconds["segment"] = time.perf_counter() - started
+        n = len(segmentation.lesions)
+        progress(f"measuring {n} lesion(s): radiomics" if n else "no lesion found")
+        started = time.perf_counter()
+        features = self.extractor.extract(volume, segmentation) if n else ()
+        seconds["radiomics"] = time.perf_counter() - started
+        started = time.perf_counter()
+        predictions = self.predictor.predict(features) if n else ()
+        seconds["predict"] = time.perf_counter() - started
+        analysis = Analysis(
+            volume=volume,
+            segmentation=segmentation,
+            features=tuple(features),
+            predictions=tuple(predictions),
+            models=(self.segmenter.info, *self.predictor.models),
+            warnings=volume.warnings,
+        )
+        return analysis, seconds
+
+    def report(self, analysis: Analysis, uid_seed: str) -> ReportSet:
+        return build_reports(
+            analysis, template=self.template, config=self.config.report, uid_seed=uid_seed
+        )
+
+    def run(
+        self,
+        datasets: Sequence[Dataset],
+        *,
+        uid_seed: str,
+        key: SeriesKey | None = None,
+        allow_gaps: bool = False,
+        progress: Progress = _quiet,
+    ) -> Outcome:
+        """The whole core for one series; raises a :class:`~dicomnode.errors.DicomNodeError` on refusal."""
+        progress(f"assembling {len(datasets)} instance(s)")
+        started = time.perf_counter()
+        volume = self.assemble(datasets, key=key, allow_gaps=allow_gaps)
+        assembled = time.perf_counter() - started
+        analysis, seconds = self.analyse(volume, progress)
+        progress("writing DICOM SEG and TID 1500 SR")
+        started = time.perf_counter()
+        reports = self.report(analysis, uid_seed)
+        seconds = {"assemble": assembled, **seconds, "report": time.perf_counter() - started}
+        log.info(
+            "series analysed: %d lesion(s); %s",
+            len(analysis.segmentation.lesions),
+            ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()),
+        )
+        return Outcome(analysis=analysis, reports=reports, seconds=seconds)

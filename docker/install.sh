@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs dicomnode and what it needs on a Debian 12 / Python 3.11 machine (or image).
+#   bash docker/install.sh          the node and its demo (no Debian packages needed)
+#   bash docker/install.sh --test   also Orthanc + DICOMweb plugin, dcmtk and dicom3tools for the tests
+# Idempotent: what is already installed is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_test=0
+[ "${1:-}" = "--test" ] && with_test=1
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+PY=${PYTHON:-python3}
+
+if [ "$with_test" = 1 ]; then
+  need=""
+  for b in /usr/sbin/Orthanc /usr/bin/storescu /usr/bin/dsrdump /usr/bin/dciodvfy; do [ -x "$b" ] || need=1; done
+  [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need=1
+  if [ -n "$need" ]; then
+    echo "== Debian packages: orthanc orthanc-dicomweb dcmtk dicom3tools"
+    $SUDO apt-get update -qq
+    # The orthanc package tries to start its system service; a container refuses that harmlessly.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools >/dev/null
+  fi
+fi
+
+echo "== PyTorch (CPU wheel here; a GPU server keeps its CUDA build: any 2.2-2.14 satisfies dicomnode)"
+$PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
+
+# pyradiomics 3.0.1 must be built against the installed numpy without build isolation
+# (its sdist's isolated build is broken on Python 3.11).
+if ! $PY -c "import radiomics" 2>/dev/null; then
+  echo "== pyradiomics 3.0.1"
+  $PY -m pip install -q numpy setuptools wheel versioneer
+  $PY -m pip install -q --no-build-isolation pyradiomics==3.0.1
+fi
+
+echo "== dicomnode"
+extra="cpu"; [ "$with_test" = 1 ] && extra="test"
+$PY -m pip install -q -e ".[$extra]"
+echo "== installed: $(command -v dicomnode)"
