@@ -140,6 +140,17 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    """Retry policy for temporary delivery failures (see ``dicomnode.jobs.machine.Backoff``)."""
+
+    retry_initial_seconds: float = 10.0
+    retry_factor: float = 2.0
+    retry_max_seconds: float = 3600.0
+    #: A job whose delivery keeps failing temporarily fails for good after this long.
+    give_up_after_seconds: float = 86400.0
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
@@ -148,6 +159,7 @@ class Config:
     radiomics: RadiomicsConfig = field(default_factory=RadiomicsConfig)
     prediction: PredictionConfig = field(default_factory=PredictionConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     destinations: tuple[DestinationConfig, ...] = (DestinationConfig(),)
 
     def resolve(self, path: Path) -> Path:

@@ -134,11 +134,16 @@ class LabelVolume:
 
 @dataclass(frozen=True)
 class LesionFeatures:
-    """Radiomics features of one lesion, in the protocol's fixed order."""
+    """Radiomics features of one lesion, in the protocol's fixed order.
+
+    ``values`` may hold NaN where a feature could not be computed; ``warnings`` then says why
+    (it must reach the report).
+    """
 
     label: int
     names: tuple[str, ...]
     values: tuple[float, ...]
+    warnings: tuple[str, ...] = ()
 
     def as_array(self) -> np.ndarray:
         return np.asarray(self.values, dtype=np.float64)
