@@ -1,0 +1,141 @@
+"""Report stage: an :class:`~dicomnode.types.Analysis` becomes a DICOM SEG and a TID 1500 SR (PURE).
+
+Everything is built in memory with highdicom; writing and sending are the job of
+:mod:`dicomnode.results` and :mod:`dicomnode.deliver`. The codes, units and texts come from an
+SR template file (``sr_templates/tid1500_tmb.toml``, see :mod:`dicomnode.report.template`).
+
+- :func:`build_reports`: the SEG (absent when no lesion was found) and the SR of one analysis.
+- :func:`summarize_sr`: a readable text summary of an SR, for the CLI and the demo.
+- :func:`summary_json`: the JSON summary written next to the objects.
+
+Neither summary contains the patient's name or ID.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom import Dataset
+
+from dicomnode.config import ReportConfig
+from dicomnode.report.seg import ReportUids, build_seg
+from dicomnode.report.sr import build_sr, report_warnings, summarize_sr
+from dicomnode.report.template import SrTemplate, load_template
+from dicomnode.types import Analysis, Prediction, ReportSet
+
+__all__ = [
+    "ReportUids",
+    "SrTemplate",
+    "build_reports",
+    "load_template",
+    "summarize_sr",
+    "summary_json",
+]
+
+
+def build_reports(
+    analysis: Analysis,
+    *,
+    template: SrTemplate,
+    config: ReportConfig,
+    uid_seed: str,
+    series_number_base: int = 900,
+) -> ReportSet:
+    """Build the SEG and the SR of one analysis.
+
+    Parameters
+    ----------
+    analysis
+        The analysed CT series.
+    template
+        Report content (codes, units, texts), from :func:`load_template`.
+    config
+        Equipment identity written into both objects.
+    uid_seed
+        Seed of every UID of the result (the job's identity): the same seed gives the same
+        series, instance and tracking UIDs, so a retried delivery repeats them exactly; a new
+        job must use a new seed, so that re-issued results never reuse a UID.
+    series_number_base
+        Series Number of the SEG; the SR gets the next number.
+
+    Returns
+    -------
+    dicomnode.types.ReportSet
+        ``seg`` is ``None`` when no lesion was found; the SR then says so.
+
+    Raises
+    ------
+    dicomnode.errors.ReportError
+        When the analysis cannot be expressed as a valid SEG or SR.
+    """
+    labels = tuple(lesion.label for lesion in analysis.segmentation.lesions)
+    uids = ReportUids.derive(uid_seed, labels)
+    seg = None
+    if labels:
+        seg = build_seg(
+            analysis, template=template, config=config, uids=uids, series_number=series_number_base
+        )
+    sr = build_sr(
+        analysis,
+        seg=seg,
+        template=template,
+        config=config,
+        uids=uids,
+        series_number=series_number_base + 1,
+    )
+    return ReportSet(sr=sr, seg=seg)
+
+
+def summary_json(analysis: Analysis, reports: ReportSet) -> dict[str, Any]:
+    """The JSON-serialisable summary of one result (written as ``summary.json``).
+
+    Holds UIDs, per-lesion numbers and predictions, the models, warnings and the UIDs of the
+    objects written; no patient name or ID.
+    """
+    predictions = {p.label: p for p in analysis.predictions}
+    return {
+        "study_instance_uid": analysis.volume.key.study_uid,
+        "series_instance_uid": analysis.volume.key.series_uid,
+        "lesions": [
+            {
+                "label": int(lesion.label),
+                "volume_ml": round(float(lesion.volume_ml), 3),
+                "centroid_mm": [round(float(c), 2) for c in lesion.centroid_mm],
+                **_prediction_summary(predictions.get(lesion.label)),
+            }
+            for lesion in analysis.segmentation.lesions
+        ],
+        "models": [
+            {"name": m.name, "version": m.version, "family": m.family} for m in analysis.models
+        ],
+        "warnings": list(report_warnings(analysis)),
+        "outputs": {
+            "seg": _object_uids(reports.seg),
+            "sr": _object_uids(reports.sr),
+        },
+    }
+
+
+def _prediction_summary(prediction: Prediction | None) -> dict[str, Any]:
+    if prediction is None:
+        return {"tmb_probability": None, "tmb_threshold": None, "tmb_status": None, "subtype": None}
+    return {
+        "tmb_probability": round(float(prediction.tmb_probability), 4),
+        "tmb_threshold": float(prediction.tmb_threshold),
+        "tmb_status": "high" if prediction.tmb_high else "low",
+        "subtype": {
+            "index": prediction.subtype.index,
+            "code": prediction.subtype.code_value,
+            "meaning": prediction.subtype.meaning,
+        },
+    }
+
+
+def _object_uids(ds: Dataset | None) -> dict[str, str] | None:
+    if ds is None:
+        return None
+    return {
+        "series_instance_uid": str(ds.SeriesInstanceUID),
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "sop_class_uid": str(ds.SOPClassUID),
+    }

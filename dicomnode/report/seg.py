@@ -1,0 +1,159 @@
+"""The DICOM Segmentation of the lesions (PS3.3 A.51 Segmentation IOD) (PURE).
+
+One BINARY segment per lesion; the segment number is the lesion label, so that the SR's
+Referenced Segment (TID 1411, (121191, DCM)) and the label volume agree without a lookup table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.uid import generate_uid
+
+from dicomnode import __version__
+from dicomnode.config import ReportConfig
+from dicomnode.errors import ReportError
+from dicomnode.report.template import SrTemplate
+from dicomnode.types import Analysis, LabelVolume, Volume
+
+#: Content Label (0070,0080) of the SEG: a CS value, upper case, at most 16 characters.
+CONTENT_LABEL = "LESIONS"
+
+
+@dataclass(frozen=True)
+class ReportUids:
+    """The UIDs of one job's report objects, all derived from the job's seed.
+
+    A retried delivery of the same job rebuilds identical UIDs (the PACS sees the same
+    instances again, not duplicates); a new job gets a new seed and therefore new UIDs, which
+    matters because a PACS such as Orthanc silently keeps the first copy of a re-sent UID.
+    """
+
+    seg_series: str
+    seg_instance: str
+    sr_series: str
+    sr_instance: str
+    #: Tracking Unique Identifier (0062,0021) per lesion label, shared by SEG and SR.
+    tracking: dict[int, str]
+
+    @classmethod
+    def derive(cls, seed: str, labels: tuple[int, ...]) -> "ReportUids":
+        def uid(*parts: str) -> str:
+            return str(generate_uid(entropy_srcs=[seed, *parts]))
+
+        return cls(
+            seg_series=uid("seg-series"),
+            seg_instance=uid("seg-instance"),
+            sr_series=uid("sr-series"),
+            sr_instance=uid("sr-instance"),
+            tracking={label: uid("tracking", str(label)) for label in labels},
+        )
+
+
+def build_seg(
+    analysis: Analysis,
+    *,
+    template: SrTemplate,
+    config: ReportConfig,
+    uids: ReportUids,
+    series_number: int,
+) -> hd.seg.Segmentation:
+    """Build the SEG of ``analysis`` in memory.
+
+    Parameters
+    ----------
+    analysis
+        Must contain at least one lesion (no lesion means no SEG).
+    template
+        Codes of the segments (category, type, algorithm family) and the series description.
+    config
+        Equipment identity (PS3.3 C.7.5.1 General Equipment).
+    uids
+        Series, instance and per-segment tracking UIDs.
+    series_number
+        Series Number of the SEG series.
+
+    Raises
+    ------
+    dicomnode.errors.ReportError
+        When the label volume does not match the CT or the lesion list.
+    """
+    segmentation = analysis.segmentation
+    _check_labels(segmentation, analysis.volume)
+    try:
+        return hd.seg.Segmentation(
+            source_images=list(analysis.volume.sources),
+            pixel_array=_label_frames(analysis.volume, segmentation.labels),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[
+                _segment_description(lesion.label, segmentation, template, uids)
+                for lesion in segmentation.lesions
+            ],
+            series_instance_uid=uids.seg_series,
+            series_number=series_number,
+            sop_instance_uid=uids.seg_instance,
+            instance_number=1,
+            manufacturer=config.manufacturer,
+            manufacturer_model_name=template.device_model_name,
+            software_versions=__version__,
+            # The device observer name identifies this node among several of one site.
+            device_serial_number=config.device_observer_name,
+            series_description=template.seg_series_description,
+            content_label=CONTENT_LABEL,
+            content_description=f"{len(segmentation.lesions)} lesion(s), {segmentation.model_name}",
+            institution_name=config.institution_name or None,
+            # Frames without any lesion carry no information; omitting them keeps the SEG small.
+            omit_empty_frames=True,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ReportError(f"cannot build the SEG: {exc}") from exc
+
+
+def _check_labels(segmentation: LabelVolume, volume: Volume) -> None:
+    """Segment numbers must run 1..n (PS3.3 C.8.20.2) and the grid must be the CT's."""
+    if segmentation.labels.shape != volume.shape:
+        raise ReportError(
+            f"label volume shape {segmentation.labels.shape} differs from the CT {volume.shape}"
+        )
+    expected = list(range(1, len(segmentation.lesions) + 1))
+    if [lesion.label for lesion in segmentation.lesions] != expected:
+        raise ReportError("lesion labels must be 1..n in order (they become SEG segment numbers)")
+    if int(segmentation.labels.max(initial=0)) > len(segmentation.lesions):
+        raise ReportError("the label volume holds a label that no lesion describes")
+
+
+def _label_frames(volume: Volume, labels: np.ndarray) -> np.ndarray:
+    """The label map arranged like the source frames, as highdicom pairs them by index.
+
+    Single-frame CT: slice ``k`` is ``sources[k]``. Enhanced CT: slice ``k`` is frame
+    ``frame_numbers[k]``; frames outside the volume stay empty and are then omitted.
+    """
+    if not volume.frame_numbers:
+        if len(volume.sources) != labels.shape[0]:
+            raise ReportError(f"{labels.shape[0]} label slices but {len(volume.sources)} CT images")
+        return labels
+    frames = np.zeros((int(volume.sources[0].NumberOfFrames), *labels.shape[1:]), labels.dtype)
+    frames[np.asarray(volume.frame_numbers) - 1] = labels
+    return frames
+
+
+def _segment_description(
+    label: int, segmentation: LabelVolume, template: SrTemplate, uids: ReportUids
+) -> hd.seg.SegmentDescription:
+    """PS3.3 C.8.20.2 Segment Description: AUTOMATIC, with the segmentation model's identity."""
+    return hd.seg.SegmentDescription(
+        segment_number=label,
+        segment_label=template.lesion_name(label),
+        segmented_property_category=template.finding_category,
+        segmented_property_type=template.finding_type,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=segmentation.model_name,
+            family=template.algorithm_family,
+            version=segmentation.model_version,
+        ),
+        tracking_uid=uids.tracking[label],
+        tracking_id=template.lesion_name(label),
+    )

@@ -1,0 +1,445 @@
+"""The TID 1500 Measurement Report in a Comprehensive SR (PS3.3 A.35.3, PS3.16 TID 1500) (PURE).
+
+Content tree (PS3.16 TID 1500, TID 1411, TID 300, TID 4019, TID 4108)::
+
+    CONTAINER (126000, DCM, "Imaging Measurement Report")            TID 1500
+      HAS CONCEPT MOD  CODE  Language of Content Item and Descendants TID 1204
+      HAS OBS CONTEXT  ...   Device observer (name, manufacturer, model, UID)   TID 1001/1004
+      HAS CONCEPT MOD  CODE  Procedure reported (CT)
+      CONTAINS CONTAINER Image Library (the CT images)                TID 1600
+      CONTAINS CONTAINER (126010, DCM, "Imaging Measurements")        only with lesions
+        CONTAINS CONTAINER Measurement Group, one per lesion          TID 1411
+          Tracking Identifier "Lesion k" + Tracking UID (= SEG segment's)  TID 4108
+          Finding category / Finding (Neoplasm)
+          IMAGE Referenced Segment k of the SEG, source series = the CT
+          Algorithm Identification (segmentation model)               TID 4019
+          NUM Volume (cm3)                                            TID 300
+          NUM Probability of TMB high (no units) + its algorithm and threshold
+          CODE TMB [Interpretation] = High | Low (LOINC)
+          CODE Imaging subtype = private code (99DICOMNODE)
+      CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
+        CONTAINS TEXT Finding "No lesion detected"                    only without lesions
+        CONTAINS TEXT Comment: research-use note, algorithms, volume warnings
+
+The Qualitative Evaluations container (TID 1500 row 10) is where TID 1500 allows free text at
+document level; an SR without lesions therefore still satisfies TID 1500's condition that
+Imaging Measurements, Derived Imaging Measurements or Qualitative Evaluations be present.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import (
+    CodeContentItem,
+    CodedConcept,
+    ContainerContentItem,
+    ContentSequence,
+    RelationshipTypeValues,
+    TextContentItem,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from dicomnode import __version__
+from dicomnode.config import ReportConfig
+from dicomnode.errors import ReportError
+from dicomnode.report.seg import ReportUids
+from dicomnode.report.template import SrTemplate
+from dicomnode.types import Analysis, Lesion, ModelInfo, Prediction
+
+log = logging.getLogger(__name__)
+
+#: TID 1500 row 10: document-level qualitative evaluations (CODE and TEXT items).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+#: TID 4019 row 3 concept of an algorithm parameter.
+ALGORITHM_PARAMETERS = Code("111002", "DCM", "Algorithm Parameters")
+LANGUAGE = CodedConcept("en-US", "RFC5646", "English (United States)")
+
+
+def build_sr(
+    analysis: Analysis,
+    *,
+    seg: Dataset | None,
+    template: SrTemplate,
+    config: ReportConfig,
+    uids: ReportUids,
+    series_number: int,
+) -> hd.sr.ComprehensiveSR:
+    """Build the Comprehensive SR of ``analysis`` in memory.
+
+    Parameters
+    ----------
+    analysis
+        The analysed series; with no lesion the report says so and ``seg`` must be ``None``.
+    seg
+        The SEG built for the same analysis (its segments are referenced per lesion).
+    template
+        Codes, units and texts of the report.
+    config
+        Equipment and device-observer identity.
+    uids
+        Series, instance and tracking UIDs (tracking UIDs equal the SEG's).
+    series_number
+        Series Number of the SR series.
+
+    Raises
+    ------
+    dicomnode.errors.ReportError
+        When a prediction's subtype is not declared in the template, or highdicom refuses the
+        content.
+    """
+    lesions = analysis.segmentation.lesions
+    if bool(lesions) != (seg is not None):
+        raise ReportError("a SEG is required exactly when there are lesions")
+    groups = (
+        [_measurement_group(analysis, lesion, seg, template, uids) for lesion in lesions]
+        if seg is not None
+        else []
+    )
+    root = _measurement_report(analysis, groups, template, config)
+    evidence = [*analysis.volume.sources, *([seg] if seg is not None else [])]
+    try:
+        return hd.sr.ComprehensiveSR(
+            evidence=evidence,
+            content=root,
+            series_instance_uid=uids.sr_series,
+            series_number=series_number,
+            sop_instance_uid=uids.sr_instance,
+            instance_number=1,
+            manufacturer=config.manufacturer,
+            manufacturer_model_name=template.device_model_name,
+            software_versions=__version__,
+            device_serial_number=config.device_observer_name,
+            institution_name=config.institution_name or None,
+            series_description=template.sr_series_description,
+            # Complete but neither verified nor final: no person has reviewed a research result.
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            coding_schemes=_coding_schemes(template),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ReportError(f"cannot build the SR: {exc}") from exc
+
+
+def _coding_schemes(template: SrTemplate) -> list[CodingSchemeIdentificationItem]:
+    """Coding Scheme Identification Sequence items for the private schemes (PS3.3 C.12.1)."""
+    return [
+        CodingSchemeIdentificationItem(
+            designator=s.designator,
+            name=s.name,
+            version=s.version or None,
+            responsible_organization=s.responsible_organization or None,
+        )
+        for s in template.coding_schemes
+    ]
+
+
+def device_observer_uid(config: ReportConfig) -> str:
+    """Device Observer UID: stable for one node identity, across jobs and restarts."""
+    return str(
+        generate_uid(
+            entropy_srcs=["dicomnode device", config.manufacturer, config.device_observer_name]
+        )
+    )
+
+
+def _measurement_report(
+    analysis: Analysis,
+    groups: Sequence[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations],
+    template: SrTemplate,
+    config: ReportConfig,
+) -> ContainerContentItem:
+    """The TID 1500 root container (built here because highdicom's requires a lesion)."""
+    root = ContainerContentItem(name=template.title, template_id="1500")
+    content = ContentSequence()
+    content.extend(hd.sr.LanguageOfContentItemAndDescendants(LANGUAGE))
+    content.extend(_observation_context(template, config))
+    content.append(
+        CodeContentItem(
+            name=codes.DCM.ProcedureReported,
+            value=template.procedure_reported,
+            relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
+    content.extend(_image_library(analysis.volume.sources))
+    if groups:
+        measurements = ContainerContentItem(
+            name=codes.DCM.ImagingMeasurements, relationship_type=RelationshipTypeValues.CONTAINS
+        )
+        measurements.ContentSequence = ContentSequence()
+        for group in groups:
+            measurements.ContentSequence.extend(group)
+        content.append(measurements)
+    content.append(_qualitative_evaluations(analysis, template))
+    root.ContentSequence = content
+    return root
+
+
+def _observation_context(template: SrTemplate, config: ReportConfig) -> hd.sr.ObservationContext:
+    """TID 1001 with a device observer only (TID 1004): the report is the algorithm's."""
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_observer_uid(config),
+                name=config.device_observer_name,
+                manufacturer_name=config.manufacturer,
+                model_name=template.device_model_name,
+                serial_number=config.device_observer_name,
+            ),
+        )
+    )
+
+
+def _image_library(sources: Sequence[Dataset]) -> ContentSequence:
+    """TID 1600 Image Library of the CT, or nothing when highdicom cannot describe the images.
+
+    The library is optional (TID 1500 row 5). highdicom derives its TID 1604 descriptors from
+    top-level PixelSpacing, ImagePositionPatient and SliceThickness, which an Enhanced CT keeps
+    in functional groups: such a source is still referenced through the evidence sequence and
+    the Source Series For Segmentation of each group.
+    """
+    try:
+        return hd.sr.ImageLibrary(list(sources))
+    except (AttributeError, TypeError, ValueError) as exc:
+        log.info("SR without image library: %s", exc)
+        return ContentSequence()
+
+
+def _measurement_group(
+    analysis: Analysis,
+    lesion: Lesion,
+    seg: Dataset,
+    template: SrTemplate,
+    uids: ReportUids,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 for one lesion, referencing its SEG segment."""
+    label = lesion.label
+    prediction = _prediction_of(analysis.predictions, label)
+    measurements = [
+        hd.sr.Measurement(
+            name=template.volume_concept,
+            value=float(lesion.volume_ml) * template.volume_per_ml,
+            unit=template.volume_unit,
+        )
+    ]
+    evaluations: list[hd.sr.QualitativeEvaluation] = []
+    if prediction is not None:
+        measurements.append(_tmb_probability(prediction, analysis.models, template))
+        evaluations = _predicted_classes(prediction, template)
+    segmentation = analysis.segmentation
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uids.tracking[label], identifier=template.lesion_name(label)
+        ),
+        # Built directly: ReferencedSegment.from_segmentation() fails on highdicom 0.28 SEGs.
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=label,
+            source_series=hd.sr.SourceSeriesForSegmentation(analysis.volume.key.series_uid),
+        ),
+        finding_category=template.finding_category,
+        finding_type=template.finding_type,
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=segmentation.model_name,
+            version=segmentation.model_version,
+            family=template.algorithm_family,
+        ),
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _prediction_of(predictions: Iterable[Prediction], label: int) -> Prediction | None:
+    """The prediction for lesion ``label``; a lesion without one gets only its volume."""
+    return next((p for p in predictions if p.label == label), None)
+
+
+def _tmb_probability(
+    prediction: Prediction, models: Sequence[ModelInfo], template: SrTemplate
+) -> hd.sr.Measurement:
+    """NUM "Probability" of the TMB-high class, with the TMB model and its threshold (TID 4019)."""
+    model = _tmb_model(models)
+    algorithm = None
+    if model is None:
+        log.warning("no model named like 'tmb' in the analysis: the probability has no algorithm")
+    else:
+        algorithm = hd.sr.AlgorithmIdentification(
+            name=model.name,
+            version=model.version,
+            family=template.algorithm_family,
+            parameters=[f"threshold={prediction.tmb_threshold:g}"],
+        )
+    return hd.sr.Measurement(
+        name=template.tmb_probability,
+        value=float(prediction.tmb_probability),
+        unit=template.tmb_probability_unit,
+        algorithm_id=algorithm,
+    )
+
+
+def _predicted_classes(
+    prediction: Prediction, template: SrTemplate
+) -> list[hd.sr.QualitativeEvaluation]:
+    """TMB status (High iff probability >= threshold) and the imaging subtype."""
+    try:
+        subtype = template.subtype_code(prediction.subtype.code_value)
+    except KeyError:
+        raise ReportError(
+            f"lesion {prediction.label}: subtype code {prediction.subtype.code_value!r} is not "
+            "declared in the SR template's [subtype].codes"
+        ) from None
+    status = template.tmb_high if prediction.tmb_high else template.tmb_low
+    return [
+        hd.sr.QualitativeEvaluation(name=template.tmb_status, value=status),
+        hd.sr.QualitativeEvaluation(name=template.subtype_concept, value=subtype),
+    ]
+
+
+def _tmb_model(models: Sequence[ModelInfo]) -> ModelInfo | None:
+    """The model whose name mentions "tmb" (case-insensitive).
+
+    :attr:`Analysis.models` lists the models without saying which produced what, so the TMB
+    model is recognised by its name.
+    """
+    return next((m for m in models if "tmb" in m.name.lower()), None)
+
+
+def _qualitative_evaluations(analysis: Analysis, template: SrTemplate) -> ContainerContentItem:
+    """TID 1500 row 10: the no-lesion finding, the research note, algorithms and warnings."""
+    container = ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    items = ContentSequence()
+    if not analysis.segmentation.lesions:
+        items.append(_text(codes.DCM.Finding, template.no_lesion_text))
+    items.append(_text(codes.DCM.Comment, template.research_note))
+    if analysis.models:
+        algorithms = "; ".join(_describe(m) for m in analysis.models)
+        items.append(_text(codes.DCM.Comment, f"Algorithms: {algorithms}"))
+    for warning in report_warnings(analysis):
+        items.append(_text(codes.DCM.Comment, f"Warning: {warning}"))
+    container.ContentSequence = items
+    return container
+
+
+def report_warnings(analysis: Analysis) -> tuple[str, ...]:
+    """Every warning the report must carry, each once, in pipeline order.
+
+    Volume warnings (e.g. a slice gap), analysis warnings, per-lesion feature warnings, and a
+    note for each lesion that got no prediction (its group then holds only the volume).
+    """
+    predicted = {p.label for p in analysis.predictions}
+    per_lesion = [f"lesion {f.label}: {w}" for f in analysis.features for w in f.warnings]
+    unpredicted = [
+        f"lesion {lesion.label}: no TMB or subtype prediction was made"
+        for lesion in analysis.segmentation.lesions
+        if lesion.label not in predicted
+    ]
+    return tuple(
+        dict.fromkeys((*analysis.volume.warnings, *analysis.warnings, *per_lesion, *unpredicted))
+    )
+
+
+def _describe(model: ModelInfo) -> str:
+    return f"{model.name} {model.version} ({model.family})"
+
+
+def _text(name: Code, value: str) -> TextContentItem:
+    return TextContentItem(
+        name=name, value=value, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+
+
+# -- reading back -------------------------------------------------------------------------
+
+
+def summarize_sr(sr: Dataset) -> str:
+    """A readable summary of a TID 1500 SR: one block per measurement group, then the notes.
+
+    Only report content is shown (never patient name or ID), so the text can go into logs.
+    Works on any TID 1500 SR, not only dicomnode's.
+    """
+    title = sr.ConceptNameCodeSequence[0].CodeMeaning
+    lines = [f"{title} ({sr.get('SeriesDescription', 'SR')})", f"Study {sr.StudyInstanceUID}"]
+    groups = list(_children(sr, codes.DCM.ImagingMeasurements))
+    groups = [g for container in groups for g in _children(container, codes.DCM.MeasurementGroup)]
+    lines.append(f"{len(groups)} measurement group(s)")
+    for group in groups:
+        lines.extend(_summarize_group(group))
+    notes = [
+        f"  {_concept(item).meaning}: {_value(item)}"
+        for container in _children(sr, QUALITATIVE_EVALUATIONS)
+        for item in container.get("ContentSequence", [])
+    ]
+    if notes:
+        lines.append("Notes:")
+        lines.extend(notes)
+    return "\n".join(lines)
+
+
+def _summarize_group(group: Dataset) -> list[str]:
+    """``Lesion k [by <segmentation algorithm>]:`` then one line per NUM and CODE item."""
+    items = list(group.get("ContentSequence", []))
+    name = next((_value(i) for i in items if _concept(i) == codes.DCM.TrackingIdentifier), "group")
+    lines = [f"{name}{_algorithm_note(group)}:"]
+    for item in items:
+        if item.ValueType in ("NUM", "CODE") and _concept(item) not in _NOT_SUMMARISED:
+            label = f"{_concept(item).meaning}{_derivation(item)}"
+            lines.append(f"  {label}: {_value(item)}{_algorithm_note(item)}")
+    return lines
+
+
+#: Items that describe an algorithm or the group rather than the lesion.
+_NOT_SUMMARISED = (codes.DCM.AlgorithmFamily, Code("276214006", "SCT", "Finding category"))
+
+
+def _algorithm_note(item: Dataset) -> str:
+    """`` [by <algorithm> <version> <parameters>]`` for an item with TID 4019 children."""
+    parts = [
+        _value(child)
+        for child in item.get("ContentSequence", [])
+        if child.ValueType == "TEXT"
+        and _concept(child)
+        in (codes.DCM.AlgorithmName, codes.DCM.AlgorithmVersion, ALGORITHM_PARAMETERS)
+    ]
+    return f" [by {' '.join(parts)}]" if parts else ""
+
+
+def _derivation(item: Dataset) -> str:
+    """`` (Mean)`` for a NUM whose Derivation (121401, DCM) modifier says how it was computed."""
+    derivation = next(
+        (_value(c) for c in item.get("ContentSequence", []) if _concept(c) == codes.DCM.Derivation),
+        None,
+    )
+    return f" ({derivation})" if derivation else ""
+
+
+def _children(item: Dataset, name: Code) -> Iterable[Dataset]:
+    return (c for c in item.get("ContentSequence", []) if _concept(c) == name)
+
+
+def _concept(item: Dataset) -> Code:
+    c = item.ConceptNameCodeSequence[0]
+    return Code(c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning)
+
+
+def _value(item: Dataset) -> str:
+    """The value of a TEXT, CODE, NUM or UIDREF content item as text."""
+    if item.ValueType == "NUM":
+        measured = item.MeasuredValueSequence[0]
+        unit = measured.MeasurementUnitsCodeSequence[0].CodeValue
+        return f"{float(measured.NumericValue):g}" + ("" if unit == "1" else f" {unit}")
+    if item.ValueType == "CODE":
+        return str(item.ConceptCodeSequence[0].CodeMeaning)
+    if item.ValueType == "UIDREF":
+        return str(item.UID)
+    return str(item.get("TextValue", ""))

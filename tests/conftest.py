@@ -1,0 +1,43 @@
+"""Shared fixtures: a real Orthanc on loopback, and the third-party test data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` next to the project (see its MANIFEST.md); skip when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"third-party test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
+    """Start Orthancs with chosen options (``Orthanc(**kwargs)``); all are stopped afterwards."""
+    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
+        pytest.skip("Orthanc with the DICOMweb plugin is not installed (orthanc, orthanc-dicomweb)")
+    started: list[Orthanc] = []
+
+    def start(**kwargs: object) -> Orthanc:
+        server = Orthanc(tmp_path / f"orthanc{len(started)}", **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def orthanc(orthanc_factory: Callable[..., Orthanc]) -> Orthanc:
+    """A running Orthanc without authentication."""
+    return orthanc_factory()

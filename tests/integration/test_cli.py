@@ -1,0 +1,90 @@
+"""The command line as a user runs it: ``dicomnode process``, ``demo``, ``check-config``, ``--help``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicomnode.phantom import make_phantom_study, write_study
+from validate import dciodvfy_errors, dsrdump_ok
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def dicomnode(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomnode", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_help_teaches_every_command():
+    run = dicomnode("--help")
+    assert run.returncode == 0
+    for command in ("serve", "process", "demo", "jobs", "retry", "train", "check-config"):
+        assert command in run.stdout
+
+
+def test_check_config_names_the_bad_key(tmp_path):
+    assert dicomnode("check-config", "--config", "listeners/default.toml").returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[completion]\nquiet_secs = 3\n')
+    run = dicomnode("check-config", "--config", str(bad))
+    assert run.returncode == 1
+    assert "completion.quiet_secs: unknown key" in run.stderr
+
+
+@pytest.mark.slow
+def test_process_writes_seg_sr_and_summary_for_a_phantom(tmp_path):
+    phantom = make_phantom_study(10003)
+    write_study(phantom, tmp_path / "in")
+    run = dicomnode("process", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    folder = tmp_path / "out" / phantom.datasets[0].SeriesInstanceUID
+    summary = json.loads((folder / "summary.json").read_text())
+    assert len(summary["lesions"]) >= 1
+    for lesion in summary["lesions"]:
+        assert 0.0 <= lesion["tmb_probability"] <= 1.0
+        assert lesion["tmb_status"] in {"High", "Low"}
+    assert dciodvfy_errors(folder / "seg.dcm") == []
+    assert dciodvfy_errors(folder / "sr.dcm") == []
+    assert dsrdump_ok(folder / "sr.dcm")[0]
+    # Nothing identifying in what the command printed or the summary.
+    for text in (run.stdout, run.stderr, json.dumps(summary)):
+        assert str(phantom.datasets[0].PatientName) not in text
+        assert phantom.datasets[0].PatientID not in text
+
+
+def test_process_refuses_three_slices_with_a_reason(tmp_path):
+    source = SHARED / "dcmqi/data/segmentations/ct-3slice"
+    if not source.is_dir():
+        pytest.skip(f"third-party CT not found at {source}")
+    run = dicomnode("process", str(source), "--out", str(tmp_path / "out"))
+    assert run.returncode == 2
+    assert "3 slice" in run.stderr and "refused" in run.stderr
+    assert not any((tmp_path / "out").rglob("*.dcm"))
+
+
+def test_process_refuses_a_folder_without_dicom(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not dicom")
+    run = dicomnode("process", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert run.returncode == 2
+    assert "no DICOM series" in run.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    run = dicomnode("demo", "--out", str(tmp_path / "demo"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Dice of the SEG against the phantom's true lesions" in run.stdout
+    score = float(run.stdout.split("true lesions:")[1].split()[0])
+    assert score >= 0.8
+    srs = list((tmp_path / "demo" / "results").rglob("*.dcm"))
+    assert any(pydicom.dcmread(p).Modality == "SR" for p in srs)
+    assert any(pydicom.dcmread(p).Modality == "SEG" for p in srs)

@@ -1,0 +1,213 @@
+"""The product's core loop against the real thing.
+
+A real Orthanc (DICOMweb plugin, Lua ``OnStableSeries`` auto-routing of CT series) and the
+real node (``python -m dicomnode serve`` in its own process, STOW-RS destination pointing at
+that Orthanc). Studies go into Orthanc with dcmtk ``storescu``, exactly as a modality would
+send them; the tests then read what Orthanc holds.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+
+from dicomnode.demo import dice, seg_mask
+from dicomnode.phantom import make_phantom_study, write_study
+from nodeproc import NodeProcess, write_config
+from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
+from validate import dciodvfy_errors, dsrdump_ok
+
+pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+STORESCU = "/usr/bin/storescu"
+WAIT_SECONDS = 420
+
+# Orthanc's auto-routing, as a hospital would write it: every stable CT series goes to the node.
+ROUTE_CT = """
+function OnStableSeries(seriesId, tags, metadata)
+  if tags['Modality'] == 'CT' then
+    RestApiPost('/modalities/node/store', '{"Resources":["' .. seriesId .. '"],"Synchronous":false}')
+  end
+end
+"""
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    """Orthanc auto-routing CT to a running node whose results go back to Orthanc by STOW-RS."""
+    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
+        pytest.skip("Orthanc with the DICOMweb plugin is not installed (orthanc, orthanc-dicomweb)")
+    work = tmp_path_factory.mktemp("e2e")
+    node_port = free_port()
+    pacs = Orthanc(
+        work / "orthanc",
+        lua_script=ROUTE_CT,
+        modalities={"node": ("DICOMNODE", "127.0.0.1", node_port)},
+        stable_age=2,
+    ).start()
+    config = write_config(
+        work / "node.toml",
+        port=node_port,
+        data_dir=work / "node",
+        destinations=[{"kind": "stow", "name": "orthanc", "url": pacs.dicomweb_url}],
+        completion={"quiet_seconds": 2},
+    )
+    node = NodeProcess(config, node_port, work / "node.log").start()
+    yield pacs, node, work
+    node.stop()
+    pacs.stop()
+
+
+def store_to_pacs(pacs: Orthanc, files: list[Path]) -> None:
+    run = subprocess.run(
+        [STORESCU, "-aec", pacs.aet, "127.0.0.1", str(pacs.dicom_port), *map(str, files)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def node_jobs(work: Path, study_uid: str) -> list[tuple[str, str]]:
+    """(state, reason) of the node's jobs for a study, read from its job database."""
+    db = work / "node" / "jobs.sqlite"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT state, reason FROM jobs WHERE study_uid = ? ORDER BY created_at", (study_uid,)
+        ).fetchall()
+
+
+def series_in_study(pacs: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
+    """Datasets Orthanc holds for a study, by modality (CT, SEG, SR)."""
+    query = {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
+    found = requests.post(f"{pacs.http_url}/tools/find", json=query, auth=pacs.auth, timeout=10).json()
+    out: dict[str, list[pydicom.Dataset]] = {}
+    for series in found:
+        modality = series["MainDicomTags"].get("Modality", "")
+        if modality in {"SEG", "SR"}:
+            out.setdefault(modality, []).extend(pacs.download(i) for i in series["Instances"])
+        else:
+            out.setdefault(modality, [])
+    return out
+
+
+def wait_for_outcome(pacs: Orthanc, node: NodeProcess, work: Path, study_uid: str, *, want_seg: bool | None):
+    """Wait until the node's job for the study ended and Orthanc holds its results."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        jobs = node_jobs(work, study_uid)
+        if any(state == "failed" for state, _ in jobs):
+            return jobs, series_in_study(pacs, study_uid)
+        if any(state == "delivered" for state, _ in jobs):
+            held = series_in_study(pacs, study_uid)
+            if "SR" in held and (not want_seg or "SEG" in held):
+                return jobs, held
+        time.sleep(1)
+    raise AssertionError(f"no outcome for study within {WAIT_SECONDS} s; jobs {node_jobs(work, study_uid)}\n"
+                         f"node log:\n{node.log_tail()}\nOrthanc log:\n{pacs.log_tail()}")
+
+
+def validate_files(tmp_path: Path, held: dict[str, list[pydicom.Dataset]]) -> None:
+    for modality, datasets in held.items():
+        for k, ds in enumerate(datasets if modality in {"SEG", "SR"} else []):
+            path = tmp_path / f"{modality}{k}.dcm"
+            ds.save_as(path)
+            assert dciodvfy_errors(path) == [], f"dciodvfy errors in {modality}"
+            if modality == "SR":
+                ok, text = dsrdump_ok(path)
+                assert ok, text
+
+
+def referenced_segments(sr: pydicom.Dataset) -> set[tuple[str, int]]:
+    """(SEG SOP Instance UID, segment number) pairs referenced anywhere in the SR content tree."""
+    found = set()
+
+    def walk(items):
+        for item in items:
+            for ref in item.get("ReferencedSOPSequence", []):
+                if "ReferencedSegmentNumber" in ref:
+                    found.add((ref.ReferencedSOPInstanceUID, int(ref.ReferencedSegmentNumber)))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.get("ContentSequence", []))
+    return found
+
+
+def test_phantom_study_comes_back_as_seg_and_sr(routed, tmp_path):
+    pacs, node, work = routed
+    phantom = make_phantom_study(10002)
+    files = write_study(phantom, tmp_path / "ct")
+    ct = phantom.datasets[0]
+    store_to_pacs(pacs, files)
+
+    jobs, held = wait_for_outcome(pacs, node, work, ct.StudyInstanceUID, want_seg=True)
+    assert [s for s, _ in jobs] == ["delivered"], jobs
+    assert len(held["SEG"]) == 1 and len(held["SR"]) == 1
+    seg, sr = held["SEG"][0], held["SR"][0]
+    validate_files(tmp_path, held)
+
+    # Same study, new series, and the SEG points at the CT series it was made from.
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == ct.StudyInstanceUID
+    assert len({seg.SeriesInstanceUID, sr.SeriesInstanceUID, ct.SeriesInstanceUID}) == 3
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.SeriesInstanceUID
+    # The SR's measurement groups reference exactly the SEG's segments.
+    segments = {(seg.SOPInstanceUID, int(s.SegmentNumber)) for s in seg.SegmentSequence}
+    assert referenced_segments(sr) == segments
+    # The SEG finds the phantom's true lesions.
+    score = dice(seg_mask(seg, [ds.SOPInstanceUID for ds in phantom.datasets]), phantom.lesion_mask)
+    print(f"phantom Dice {score:.3f}")
+    assert score >= 0.8
+
+
+@pytest.mark.parametrize(
+    "folder",
+    ["ibsi_sts_001/dicom/CT/image", "totalsegmentator/tests/reference_files/example_ct_dicom"],
+    ids=["ibsi_sts_001", "totalsegmentator_jpeg2000"],
+)
+def test_real_ct_gets_a_valid_report(routed, tmp_path, folder):
+    source = SHARED / folder
+    if not source.is_dir():
+        pytest.skip(f"third-party CT not found at {source}")
+    pacs, node, work = routed
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    store_to_pacs(pacs, files)
+
+    jobs, held = wait_for_outcome(pacs, node, work, study_uid, want_seg=None)
+    assert [s for s, _ in jobs] == ["delivered"], jobs
+    assert len(held["SR"]) == 1
+    assert len(held.get("SEG", [])) <= 1
+    validate_files(tmp_path, held)
+    sr = held["SR"][0]
+    if held.get("SEG"):
+        seg = held["SEG"][0]
+        segments = {(seg.SOPInstanceUID, int(s.SegmentNumber)) for s in seg.SegmentSequence}
+        assert referenced_segments(sr) == segments
+    else:
+        assert referenced_segments(sr) == set()
+    print(f"{folder}: {jobs[-1][1]}; SEG {'yes' if held.get('SEG') else 'no'}")
+
+
+def test_three_slice_ct_is_refused_with_a_reason(routed):
+    source = SHARED / "dcmqi/data/segmentations/ct-3slice"
+    if not source.is_dir():
+        pytest.skip(f"third-party CT not found at {source}")
+    pacs, node, work = routed
+    files = sorted(source.glob("*.dcm"))
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    store_to_pacs(pacs, files)
+
+    jobs, held = wait_for_outcome(pacs, node, work, study_uid, want_seg=None)
+    assert [s for s, _ in jobs] == ["failed"], jobs
+    assert "3 slice" in jobs[0][1] and "10" in jobs[0][1], jobs[0][1]
+    assert "SEG" not in held and "SR" not in held
+    listed = [j for j in node.jobs() if j["study_uid"] == study_uid]
+    assert listed[0]["state"] == "failed" and listed[0]["reason"] == jobs[0][1]

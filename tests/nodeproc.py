@@ -1,0 +1,85 @@
+"""The real node as a separate process (``python -m dicomnode serve``), for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(path: Path, *, port: int, data_dir: Path, destinations: list[dict], **sections: dict) -> Path:
+    """Write a listener TOML for a test node (values are plain strings, numbers or paths)."""
+
+    def value(v: object) -> str:
+        return json.dumps(str(v) if isinstance(v, Path) else v)
+
+    lines = ["[node]", f"port = {port}", f"data_dir = {value(data_dir)}"]
+    lines += [f"{k} = {value(v)}" for k, v in sections.pop("node", {}).items()]
+    for name, table in sections.items():
+        lines += [f"[{name}]"] + [f"{k} = {value(v)}" for k, v in table.items()]
+    for d in destinations:
+        lines += ["[[destinations]]"] + [f"{k} = {value(v)}" for k, v in d.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+class NodeProcess:
+    """``dicomnode serve --config CONFIG`` in its own process, logging to ``log_path``."""
+
+    def __init__(self, config: Path, port: int, log_path: Path) -> None:
+        self.config = config
+        self.port = port
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> "NodeProcess":
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dicomnode", "serve", "--config", str(self.config)],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"node did not listen within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+    def jobs(self) -> list[dict]:
+        """``dicomnode jobs --json`` for this node's configuration."""
+        run = subprocess.run(
+            [sys.executable, "-m", "dicomnode", "jobs", "--json", "--config", str(self.config)],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+        if run.returncode != 0:
+            raise RuntimeError(run.stderr)
+        return json.loads(run.stdout)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
