@@ -1,0 +1,1 @@
+"""Analysis stage: segment tumours, measure radiomics features, predict (all PURE modules)."""

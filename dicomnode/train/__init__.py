@@ -1,0 +1,1 @@
+"""Training commands: one module per ``dicomnode train ...`` command, reusing ``dicomnode.analyse``."""
