@@ -1,0 +1,324 @@
+"""SQLite index of the spool: one row per instance, counters per series (EDGE).
+
+The C-STORE handler records each instance after its file is durable and before it answers
+Success; the job runner reads :meth:`Index.pending_series` to find series with instances that
+no job has covered yet, and calls :meth:`Index.mark_taken` when it creates a job. An instance
+that arrives after that makes the series pending again, and the next job covers the whole
+series afresh (reprocessing).
+
+Durability: WAL journal with ``synchronous=FULL``, so every committed row is on disk when
+:meth:`Index.record_instance` returns, exactly like the spooled file it points to. With
+``NORMAL`` a power cut could roll back the last commits while their files and the
+acknowledgements survived, and a series would be processed without instances the node had
+acknowledged. ``FULL`` costs one WAL fsync per instance (0.8 ms per instance against 0.35 ms
+with ``NORMAL`` here, while the file and its folder take about 3 ms), and each instance is one
+transaction of three short statements (look up, upsert the instance, upsert its series
+counters), not one statement per column.
+
+Thread safety: one connection guarded by a lock. Writes are serialised by SQLite anyway, and a
+per-thread connection would mean one new connection per association thread (pynetdicom runs
+each association in its own thread).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicomnode.series.completion import SeriesState
+from dicomnode.types import SeriesKey
+
+#: Two orientations whose cosines differ by less than this count as one.
+ORIENTATION_TOLERANCE = 1e-4
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid      TEXT PRIMARY KEY,
+    study_uid             TEXT NOT NULL,
+    series_uid            TEXT NOT NULL,
+    sop_class_uid         TEXT NOT NULL,
+    transfer_syntax       TEXT NOT NULL,
+    path                  TEXT NOT NULL,
+    position_along_normal REAL,
+    orientation           TEXT,
+    instance_number       INTEGER,
+    rows                  INTEGER,
+    cols                  INTEGER,
+    frames                INTEGER NOT NULL DEFAULT 1,
+    received_at           REAL NOT NULL,
+    calling_ae            TEXT NOT NULL,
+    association_id        TEXT NOT NULL,
+    modality              TEXT NOT NULL DEFAULT '',
+    routable              INTEGER NOT NULL,
+    replaced              INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances (study_uid, series_uid);
+CREATE TABLE IF NOT EXISTS series (
+    study_uid       TEXT NOT NULL,
+    series_uid      TEXT NOT NULL,
+    first_arrival   REAL NOT NULL,
+    last_arrival    REAL NOT NULL,
+    instance_count  INTEGER NOT NULL,
+    processed_count INTEGER NOT NULL DEFAULT 0,
+    state           TEXT NOT NULL,
+    routable        INTEGER NOT NULL,
+    replaced_count  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (study_uid, series_uid)
+);
+CREATE INDEX IF NOT EXISTS series_pending ON series (last_arrival)
+    WHERE routable AND instance_count > processed_count;
+"""
+
+_UPSERT_INSTANCE = """
+INSERT INTO instances (
+    sop_instance_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, path,
+    position_along_normal, orientation, instance_number, rows, cols, frames, received_at,
+    calling_ae, association_id, modality, routable, replaced
+) VALUES (
+    :sop_instance_uid, :study_uid, :series_uid, :sop_class_uid, :transfer_syntax, :path,
+    :position_along_normal, :orientation, :instance_number, :rows, :cols, :frames, :received_at,
+    :calling_ae, :association_id, :modality, :routable, :replaced
+)
+ON CONFLICT (sop_instance_uid) DO UPDATE SET
+    study_uid = excluded.study_uid, series_uid = excluded.series_uid,
+    sop_class_uid = excluded.sop_class_uid, transfer_syntax = excluded.transfer_syntax,
+    path = excluded.path, position_along_normal = excluded.position_along_normal,
+    orientation = excluded.orientation, instance_number = excluded.instance_number,
+    rows = excluded.rows, cols = excluded.cols, frames = excluded.frames,
+    received_at = excluded.received_at, calling_ae = excluded.calling_ae,
+    association_id = excluded.association_id, modality = excluded.modality,
+    routable = excluded.routable, replaced = instances.replaced + excluded.replaced
+"""
+
+# A duplicate adds no instance but still counts as activity: it moves last_arrival (a PACS
+# resending a series is still sending it).
+_UPSERT_SERIES = """
+INSERT INTO series (
+    study_uid, series_uid, first_arrival, last_arrival, instance_count, processed_count, state,
+    routable, replaced_count
+) VALUES (?, ?, ?, ?, ?, 0, 'receiving', ?, ?)
+ON CONFLICT (study_uid, series_uid) DO UPDATE SET
+    last_arrival = max(last_arrival, excluded.last_arrival),
+    instance_count = instance_count + excluded.instance_count,
+    state = CASE WHEN excluded.instance_count > 0 THEN 'receiving' ELSE state END,
+    routable = max(routable, excluded.routable),
+    replaced_count = replaced_count + excluded.replaced_count
+"""
+
+_SERIES_COLUMNS = (
+    "study_uid, series_uid, first_arrival, last_arrival, instance_count, processed_count, "
+    "routable, replaced_count"
+)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One received instance, as the index stores it.
+
+    ``position_along_normal`` and ``orientation`` are ``None`` when the instance has no
+    ImagePositionPatient / ImageOrientationPatient (or more than one frame: an Enhanced CT
+    keeps them per frame). ``orientation`` is the six cosines as comma-separated text.
+    ``replaced`` marks a copy whose content replaced an earlier copy of the same instance.
+    """
+
+    sop_instance_uid: str
+    key: SeriesKey
+    sop_class_uid: str
+    transfer_syntax: str
+    path: Path
+    received_at: float
+    calling_ae: str
+    association_id: str
+    routable: bool
+    modality: str = ""
+    position_along_normal: float | None = None
+    orientation: str | None = None
+    instance_number: int | None = None
+    rows: int | None = None
+    cols: int | None = None
+    frames: int = 1
+    replaced: bool = False
+
+
+class Index:
+    """SQLite index of spooled instances and series counters (see the module docstring)."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        self._db = sqlite3.connect(
+            self.db_path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            # IMMEDIATE takes the write lock up front: no upgrade deadlock with other writers.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def record_instance(self, record: InstanceRecord) -> None:
+        """Insert or update one instance and its series counters in one transaction.
+
+        A new SOP Instance UID adds one to its series' ``instance_count``; a repeated one adds
+        nothing (an instance that moved to another series is taken from the old one's count).
+        Every call moves the series' ``last_arrival``.
+        """
+        key = record.key
+        with self._transaction() as db:
+            previous = db.execute(
+                "SELECT study_uid, series_uid FROM instances WHERE sop_instance_uid = ?",
+                (record.sop_instance_uid,),
+            ).fetchone()
+            if previous is not None and tuple(previous) != (key.study_uid, key.series_uid):
+                db.execute(
+                    "UPDATE series SET instance_count = instance_count - 1 "
+                    "WHERE study_uid = ? AND series_uid = ?",
+                    tuple(previous),
+                )
+            added = previous is None or tuple(previous) != (key.study_uid, key.series_uid)
+            db.execute(_UPSERT_INSTANCE, _instance_row(record))
+            db.execute(
+                _UPSERT_SERIES,
+                (
+                    key.study_uid,
+                    key.series_uid,
+                    record.received_at,
+                    record.received_at,
+                    int(added),
+                    int(record.routable),
+                    int(record.replaced),
+                ),
+            )
+
+    def mark_taken(self, key: SeriesKey, count: int) -> None:
+        """Record that a job now covers ``count`` instances of the series.
+
+        Instances beyond ``count`` (arrived while the job was being created, or later) keep
+        the series pending.
+
+        Raises
+        ------
+        KeyError
+            The series is not in the index.
+        """
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE series SET processed_count = ?, "
+                "state = CASE WHEN ? >= instance_count THEN 'taken' ELSE 'receiving' END "
+                "WHERE study_uid = ? AND series_uid = ?",
+                (count, count, key.study_uid, key.series_uid),
+            )
+            if cursor.rowcount == 0:
+                raise KeyError(key)
+
+    def pending_series(self) -> list[SeriesState]:
+        """Routable series with instances that no job covers yet, oldest activity first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_SERIES_COLUMNS} FROM series "
+                "WHERE routable AND instance_count > processed_count ORDER BY last_arrival"
+            ).fetchall()
+            return [self._state(row) for row in rows]
+
+    def series_state(self, key: SeriesKey) -> SeriesState:
+        """The state of one series; raises :class:`KeyError` if it is unknown."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_SERIES_COLUMNS} FROM series WHERE study_uid = ? AND series_uid = ?",
+                (key.study_uid, key.series_uid),
+            ).fetchone()
+            if row is None:
+                raise KeyError(key)
+            return self._state(row)
+
+    def instance_paths(self, key: SeriesKey) -> list[Path]:
+        """Spool paths of the series' routable instances, ordered along the slice normal.
+
+        Instances without a position come last, in InstanceNumber order.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path FROM instances WHERE study_uid = ? AND series_uid = ? AND routable "
+                "ORDER BY position_along_normal IS NULL, position_along_normal, "
+                "instance_number, sop_instance_uid",
+                (key.study_uid, key.series_uid),
+            ).fetchall()
+        return [Path(path) for (path,) in rows]
+
+    def _state(self, row: Sequence) -> SeriesState:
+        """Build a :class:`SeriesState` from a series row and its instances (lock held)."""
+        study, series, first, last, count, processed, routable, replaced = row
+        instances = self._db.execute(
+            "SELECT position_along_normal, orientation, frames FROM instances "
+            "WHERE study_uid = ? AND series_uid = ?",
+            (study, series),
+        ).fetchall()
+        positions = sorted(p for p, _, frames in instances if p is not None and frames <= 1)
+        orientations = {o for _, o, _ in instances if o is not None}
+        return SeriesState(
+            key=SeriesKey(study, series),
+            first_arrival=first,
+            last_arrival=last,
+            instance_count=count,
+            processed_count=processed,
+            positions=tuple(positions),
+            orientation_consistent=_orientations_agree(orientations),
+            multiframe=any(frames > 1 for _, _, frames in instances),
+            routable=bool(routable),
+            replaced_count=replaced,
+        )
+
+
+def _instance_row(record: InstanceRecord) -> dict[str, object]:
+    return {
+        "sop_instance_uid": record.sop_instance_uid,
+        "study_uid": record.key.study_uid,
+        "series_uid": record.key.series_uid,
+        "sop_class_uid": record.sop_class_uid,
+        "transfer_syntax": record.transfer_syntax,
+        "path": str(record.path),
+        "position_along_normal": record.position_along_normal,
+        "orientation": record.orientation,
+        "instance_number": record.instance_number,
+        "rows": record.rows,
+        "cols": record.cols,
+        "frames": record.frames,
+        "received_at": record.received_at,
+        "calling_ae": record.calling_ae,
+        "association_id": record.association_id,
+        "modality": record.modality,
+        "routable": int(record.routable),
+        "replaced": int(record.replaced),
+    }
+
+
+def _orientations_agree(orientations: set[str]) -> bool:
+    """Whether all orientation texts (six comma-separated cosines) agree within tolerance."""
+    if len(orientations) <= 1:
+        return True
+    vectors = [[float(v) for v in text.split(",")] for text in orientations]
+    first = vectors[0]
+    return all(
+        max(abs(a - b) for a, b in zip(first, other)) <= ORIENTATION_TOLERANCE
+        for other in vectors[1:]
+    )
