@@ -46,9 +46,10 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     data_dir: Path = Path("var/dicomnode")
-    #: What to do with storage requests that are not CT: "reject" answers 0xA900-class
-    #: "Refused: SOP class not supported" at association time (no presentation context is
-    #: offered), "accept" stores them in the spool but never routes them to the pipeline.
+    #: What to do with storage requests that are not CT: "reject" negotiates only the CT
+    #: storage SOP classes, so the SCP rejects any other presentation context during
+    #: association negotiation (PS3.8 9.3.3.2: abstract syntax not supported) and no C-STORE
+    #: for it can arrive; "accept" stores them in the spool but never routes them.
     non_ct: Literal["reject", "accept"] = "reject"
     max_pdu: int = 0  # 0 = unlimited
 

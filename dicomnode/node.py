@@ -45,6 +45,11 @@ class Node:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        # Before the listener opens: a temporary file now can only be a write a crash cut off
+        # (never acknowledged, so the sender still has the instance).
+        removed = self.spool.remove_temporary_files()
+        if removed:
+            log.warning("removed %d unacknowledged partial file(s) left by a crash", removed)
         self._server = start_listener(self.config, self.spool, self.index)
         log.info(
             "listening as %s on %s:%d; data in %s",

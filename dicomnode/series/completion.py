@@ -8,9 +8,11 @@ module decides from evidence as well as silence:
 1. **Quiet period.** Nothing is decided while an instance of the series arrived less than
    ``quiet_seconds`` ago.
 2. **Evenly spaced stack.** For single-frame instances whose positions along the slice normal
-   are known, the sorted positions must form an evenly spaced stack: no step between
-   neighbours may exceed the median step by more than ``spacing_tolerance`` (relative). A longer
-   step is a *gap*: one or more slices missing (or not yet received).
+   are known, the sorted positions must form an evenly spaced stack
+   (:func:`dicomnode.assemble.stack_gaps`, the same rule assembly applies): every step between
+   neighbours within ``spacing_tolerance`` (relative) of the median step. A step that is a
+   whole multiple of it is a *gap* (slices missing, or not yet received); any other uneven
+   step is waited for in the same way.
 3. **Gap timeout.** With a gap, the series is given until ``last_arrival +
    gap_timeout_seconds`` for the missing slices to arrive (a PACS may resend them, or a second
    association may still be queued). Then the verdict is *ready with a warning*
@@ -32,11 +34,10 @@ is judged afresh, as a whole, on its next evaluation.
 
 from __future__ import annotations
 
-import itertools
-import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from dicomnode.assemble import StackCheck, stack_gaps
 from dicomnode.config import CompletionConfig
 from dicomnode.types import SeriesKey
 
@@ -92,15 +93,6 @@ class SeriesState:
 
 
 @dataclass(frozen=True)
-class Gap:
-    """Missing slices between two neighbouring positions of a stack."""
-
-    below: float
-    above: float
-    missing: int
-
-
-@dataclass(frozen=True)
 class Verdict:
     """The completion rule's answer for one series at one moment.
 
@@ -113,36 +105,6 @@ class Verdict:
     reason: str
     warning: str = ""
     fail: bool = False
-
-
-def find_gaps(positions: Iterable[float], tolerance: float) -> tuple[Gap, ...]:
-    """Gaps of a stack of slice positions.
-
-    Parameters
-    ----------
-    positions:
-        Slice positions (mm) along the normal, in any order; duplicates are ignored.
-    tolerance:
-        Largest relative excess of a step over the median step that still counts as regular
-        (0.1: a step up to 1.1 x the median is not a gap).
-
-    Returns
-    -------
-    tuple of Gap
-        One entry per step longer than ``(1 + tolerance)`` x the median step, with the number
-        of slices that would fill it evenly (at least one); empty for fewer than three distinct
-        positions, where no median step can be trusted.
-    """
-    unique = _distinct_sorted(positions)
-    if len(unique) < 3:
-        return ()
-    median = statistics.median(b - a for a, b in itertools.pairwise(unique))
-    limit = median * (1.0 + tolerance)
-    return tuple(
-        Gap(below=a, above=b, missing=max(round((b - a) / median) - 1, 1))
-        for a, b in itertools.pairwise(unique)
-        if b - a > limit
-    )
 
 
 def evaluate(state: SeriesState, now: float, policy: CompletionConfig) -> Verdict:
@@ -169,13 +131,13 @@ def evaluate(state: SeriesState, now: float, policy: CompletionConfig) -> Verdic
     why_silence_only = _why_silence_only(state)
     if why_silence_only:
         return Verdict(True, f"quiet for {silent_for:.1f} s; {why_silence_only}")
-    gaps = find_gaps(state.positions, policy.spacing_tolerance)
-    if not gaps:
+    stack = stack_gaps(_distinct_sorted(state.positions), policy.spacing_tolerance)
+    if stack.complete:
         return Verdict(
             True,
             f"{len(state.positions)} evenly spaced slices, quiet for {silent_for:.1f} s",
         )
-    return _judge_gaps(gaps, state, silent_for, policy)
+    return _judge_gaps(stack, state, silent_for, policy)
 
 
 def _why_silence_only(state: SeriesState) -> str:
@@ -192,9 +154,9 @@ def _why_silence_only(state: SeriesState) -> str:
 
 
 def _judge_gaps(
-    gaps: tuple[Gap, ...], state: SeriesState, silent_for: float, policy: CompletionConfig
+    stack: StackCheck, state: SeriesState, silent_for: float, policy: CompletionConfig
 ) -> Verdict:
-    described = _describe_gaps(gaps)
+    described = _describe_gaps(stack)
     if silent_for < policy.gap_timeout_seconds:
         return Verdict(
             False,
@@ -211,12 +173,17 @@ def _judge_gaps(
     )
 
 
-def _describe_gaps(gaps: tuple[Gap, ...]) -> str:
-    missing = sum(g.missing for g in gaps)
-    where = "; ".join(f"{g.below:.2f} and {g.above:.2f} mm" for g in gaps[:3])
-    more = f" and {len(gaps) - 3} more" if len(gaps) > 3 else ""
-    plural = "s" if missing != 1 else ""
-    return f"{missing} missing slice{plural} (between {where}{more})"
+def _describe_gaps(stack: StackCheck) -> str:
+    parts = []
+    if stack.gaps:
+        missing = stack.missing_slices
+        where = "; ".join(f"{g.start_mm:.2f} and {g.end_mm:.2f} mm" for g in stack.gaps[:3])
+        more = f" and {len(stack.gaps) - 3} more" if len(stack.gaps) > 3 else ""
+        parts.append(f"{missing} missing slice{'s' if missing != 1 else ''} (between {where}{more})")
+    if stack.irregular:
+        n = len(stack.irregular)
+        parts.append(f"{n} uneven step{'s' if n != 1 else ''} between slices")
+    return " and ".join(parts)
 
 
 def _distinct_sorted(positions: Iterable[float]) -> list[float]:

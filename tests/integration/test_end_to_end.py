@@ -66,9 +66,9 @@ def routed(tmp_path_factory):
     pacs.stop()
 
 
-def store_to_pacs(pacs: Orthanc, files: list[Path]) -> None:
+def store_to_pacs(pacs: Orthanc, files: list[Path], *options: str) -> None:
     run = subprocess.run(
-        [STORESCU, "-aec", pacs.aet, "127.0.0.1", str(pacs.dicom_port), *map(str, files)],
+        [STORESCU, *options, "-aec", pacs.aet, "127.0.0.1", str(pacs.dicom_port), *map(str, files)],
         capture_output=True, text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"},
     )
     assert run.returncode == 0, run.stderr
@@ -167,19 +167,44 @@ def test_phantom_study_comes_back_as_seg_and_sr(routed, tmp_path):
     assert score >= 0.8
 
 
+def with_uids_restored(source: Path, target: Path) -> list[Path]:
+    """Copies of an anonymised series whose dataset UIDs were blanked, as a PACS would hold it.
+
+    The TotalSegmentator example keeps its SOP Class/Instance UIDs only in the file meta and
+    has empty Study/Series UIDs: no PACS stores that (and the node refuses it with 0xA900, see
+    test_receive). The copies get the UIDs back; the JPEG 2000 pixel data is left untouched.
+    """
+    study = pydicom.uid.generate_uid(entropy_srcs=[str(source), "study"])
+    series = pydicom.uid.generate_uid(entropy_srcs=[str(source), "series"])
+    target.mkdir(parents=True)
+    out = []
+    for path in sorted(p for p in source.iterdir() if p.is_file()):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.save_as(target / path.name)
+        out.append(target / path.name)
+    return out
+
+
 @pytest.mark.parametrize(
-    "folder",
-    ["ibsi_sts_001/dicom/CT/image", "totalsegmentator/tests/reference_files/example_ct_dicom"],
+    "folder, repair, options",
+    [
+        ("ibsi_sts_001/dicom/CT/image", False, ()),
+        # storescu proposes only uncompressed syntaxes unless told; Orthanc keeps JPEG 2000.
+        ("totalsegmentator/tests/reference_files/example_ct_dicom", True, ("--propose-j2k-lossless",)),
+    ],
     ids=["ibsi_sts_001", "totalsegmentator_jpeg2000"],
 )
-def test_real_ct_gets_a_valid_report(routed, tmp_path, folder):
+def test_real_ct_gets_a_valid_report(routed, tmp_path, folder, repair, options):
     source = SHARED / folder
     if not source.is_dir():
         pytest.skip(f"third-party CT not found at {source}")
     pacs, node, work = routed
-    files = sorted(p for p in source.iterdir() if p.is_file())
+    files = with_uids_restored(source, tmp_path / "ct") if repair else sorted(p for p in source.iterdir() if p.is_file())
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-    store_to_pacs(pacs, files)
+    store_to_pacs(pacs, files, *options)
 
     jobs, held = wait_for_outcome(pacs, node, work, study_uid, want_seg=None)
     assert [s for s, _ in jobs] == ["delivered"], jobs
