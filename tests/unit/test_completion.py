@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import random
-from pathlib import Path
 
 from dicomnode.config import CompletionConfig
-from dicomnode.series import completion
 from dicomnode.series.completion import SeriesState, evaluate
 from dicomnode.types import SeriesKey
 
