@@ -20,10 +20,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 
 from dicomnode.config import Config
 from dicomnode.deliver import Destination
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import DicomNodeError, InputRejected
 from dicomnode.jobs.machine import Backoff, JobEvent, JobState
 from dicomnode.jobs.store import Job, JobStore
 from dicomnode.pipeline import Pipeline
@@ -83,7 +84,7 @@ class Runner:
         """Put jobs that a crash left RUNNING back to PENDING (deliveries simply repeat)."""
         resumed = []
         for job in self.jobs.all((JobState.RUNNING,)):
-            resumed.append(self.jobs.transition(job.id, JobEvent.RESUME, "resumed after restart"))
+            resumed.append(self._move(job, JobEvent.RESUME, "resumed after restart"))
             log.warning("job %s was interrupted while running; it will run again", job.id)
         return resumed
 
@@ -101,7 +102,7 @@ class Runner:
             self.index.mark_taken(state.key, len(paths))
             log.info("job %s: series complete (%d instances): %s", job.id, len(paths), verdict.reason)
             if verdict.fail:
-                job = self.jobs.transition(job.id, JobEvent.PERMANENT_FAILURE, verdict.reason)
+                job = self._move(job, JobEvent.PERMANENT_FAILURE, verdict.reason)
                 log.error("job %s failed: %s", job.id, verdict.reason)
             created.append(job)
         return created
@@ -115,7 +116,7 @@ class Runner:
         if job.state is JobState.PENDING:
             job = self._analyse(job)
         elif job.state is JobState.RETRY_WAIT:
-            job = self.jobs.transition(job.id, JobEvent.DUE, "retrying delivery")
+            job = self._move(job, JobEvent.DUE, "retrying delivery")
         if job.state is JobState.DELIVERING:
             job = self._deliver(job)
         return job
@@ -125,9 +126,9 @@ class Runner:
         return [self._deliver(job) for job in self.jobs.all((JobState.DELIVERING,))]
 
     def _analyse(self, job: Job) -> Job:
-        job = self.jobs.transition(job.id, JobEvent.START, "analysing")
+        job = self._move(job, JobEvent.START, "analysing")
         try:
-            datasets = [pydicom.dcmread(p) for p in job.inputs]
+            datasets = read_inputs(job.inputs)
             outcome = self.pipeline.run(
                 datasets,
                 uid_seed=job.id,
@@ -137,16 +138,16 @@ class Runner:
             )
         except DicomNodeError as exc:
             log.error("job %s failed: %s", job.id, exc)
-            return self.jobs.transition(job.id, JobEvent.PERMANENT_FAILURE, str(exc))
+            return self._move(job, JobEvent.PERMANENT_FAILURE, str(exc))
         except Exception as exc:  # the job, not the node, fails on a bug; inputs are kept
             log.exception("job %s failed with an internal error", job.id)
-            return self.jobs.transition(
-                job.id, JobEvent.PERMANENT_FAILURE, f"internal error: {type(exc).__name__}: {exc}"
+            return self._move(
+                job, JobEvent.PERMANENT_FAILURE, f"internal error: {type(exc).__name__}: {exc}"
             )
         save(self.result_folder(job), outcome.reports, summary_json(outcome.analysis, outcome.reports))
         lesions = len(outcome.analysis.segmentation.lesions)
-        return self.jobs.transition(
-            job.id, JobEvent.REPORTED, f"{lesions} lesion(s) reported",
+        return self._move(
+            job, JobEvent.REPORTED, f"{lesions} lesion(s) reported",
             warnings=tuple(outcome.analysis.warnings) or job.warnings,
         )
 
@@ -157,7 +158,7 @@ class Runner:
         if not failed:
             names = ", ".join(r.destination for r in results)
             log.info("job %s delivered to %s", job.id, names)
-            return self.jobs.transition(job.id, JobEvent.DELIVERED, f"delivered to {names}")
+            return self._move(job, JobEvent.DELIVERED, f"delivered to {names}")
         reason = "; ".join(_describe(r) for r in failed)
         if all(r.retryable for r in failed):
             now = self.clock()
@@ -165,13 +166,17 @@ class Runner:
             if not self.backoff.exhausted(first, now):
                 delay = self.backoff.delay(job.attempts + 1)
                 log.warning("job %s: delivery failed (%s); retry in %.0f s", job.id, reason, delay)
-                return self.jobs.transition(
-                    job.id, JobEvent.TEMPORARY_FAILURE, reason,
+                return self._move(
+                    job, JobEvent.TEMPORARY_FAILURE, reason,
                     next_attempt_at=now + delay, count_failure=True,
                 )
             reason = f"gave up after {now - first:.0f} s of temporary failures: {reason}"
         log.error("job %s: delivery failed for good: %s", job.id, reason)
-        return self.jobs.transition(job.id, JobEvent.PERMANENT_FAILURE, reason, count_failure=True)
+        return self._move(job, JobEvent.PERMANENT_FAILURE, reason, count_failure=True)
+
+    def _move(self, job: Job, event: JobEvent, reason: str, **changes) -> Job:
+        """One journalled transition, timed by the runner's clock."""
+        return self.jobs.transition(job.id, event, reason, now=self.clock(), **changes)
 
     # -- the loop
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.5) -> None:
@@ -186,6 +191,17 @@ class Runner:
                 worked = None
             if worked is None:
                 stop.wait(poll_seconds)
+
+
+def read_inputs(paths: Sequence[Path]) -> list[pydicom.Dataset]:
+    """The spooled instances of a job; a missing or unreadable file fails the job, named."""
+    datasets = []
+    for path in paths:
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except (OSError, InvalidDicomError) as exc:
+            raise InputRejected(f"spooled instance {path.name} cannot be read: {exc}") from None
+    return datasets
 
 
 def _describe(result: DeliveryResult) -> str:
