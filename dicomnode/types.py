@@ -9,7 +9,7 @@ image rows (DICOM columns), exactly like ``pydicom``'s ``pixel_array`` stacked s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -182,6 +182,7 @@ class ModelInfo:
     name: str
     version: str
     family: str  # e.g. "3D U-Net", "XGBoost", "nearest centroid"
+    task: Literal["segmentation", "tmb", "subtype"]
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ class TmbModel:
             name=str(_field(manifest, "name", where)),
             version=str(_field(manifest, "version", where)),
             family=str(_field(manifest, "family", where)),
+            task="tmb",
         )
         return cls(
             booster=booster, features=features, medians=medians, threshold=threshold, info=info
@@ -164,6 +165,7 @@ class SubtypeModel:
             name=str(_field(model, "name", where)),
             version=str(_field(model, "version", where)),
             family=str(_field(model, "family", where)),
+            task="subtype",
         )
         return cls(
             features=features,

@@ -270,7 +270,7 @@ def _tmb_probability(
     model = _tmb_model(models)
     algorithm = None
     if model is None:
-        log.warning("no model named like 'tmb' in the analysis: the probability has no algorithm")
+        log.warning("no TMB model in the analysis: the probability has no algorithm")
     else:
         algorithm = hd.sr.AlgorithmIdentification(
             name=model.name,
@@ -305,12 +305,8 @@ def _predicted_classes(
 
 
 def _tmb_model(models: Sequence[ModelInfo]) -> ModelInfo | None:
-    """The model whose name mentions "tmb" (case-insensitive).
-
-    :attr:`Analysis.models` lists the models without saying which produced what, so the TMB
-    model is recognised by its name.
-    """
-    return next((m for m in models if "tmb" in m.name.lower()), None)
+    """The model that predicted TMB."""
+    return next((m for m in models if m.task == "tmb"), None)
 
 
 def _qualitative_evaluations(analysis: Analysis, template: SrTemplate) -> ContainerContentItem:

@@ -40,9 +40,9 @@ PATIENT_ID = "PID-7734-SECRET"
 SLICES, ROWS, COLS = 8, 24, 24
 GAP_WARNING = "slice gap: 5.0 mm between slices 3 and 4 (expected 2.5 mm)"
 MODELS = (
-    ModelInfo("lesion-unet", "1.2.0", "3D U-Net"),
-    ModelInfo("tmb-xgboost", "0.3.1", "XGBoost"),
-    ModelInfo("subtype-centroids", "0.1.0", "nearest centroid"),
+    ModelInfo("lesion-unet", "1.2.0", "3D U-Net", "segmentation"),
+    ModelInfo("tmb-xgboost", "0.3.1", "XGBoost", "tmb"),
+    ModelInfo("subtype-centroids", "0.1.0", "nearest centroid", "subtype"),
 )
 QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS")
 
