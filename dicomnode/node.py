@@ -37,7 +37,9 @@ class Node:
             index=self.index,
             jobs=self.jobs,
             destinations=[make_destination(d) for d in config.destinations],
-            pipeline=(lambda: pipeline) if pipeline is not None else (lambda: Pipeline.from_config(config)),
+            # Loaded before the listener opens: a missing or broken model stops the node at
+            # start-up with the reason, instead of failing every job later.
+            pipeline=pipeline if pipeline is not None else Pipeline.from_config(config),
             results_root=self.data_dir / "results",
         )
         self._stop = threading.Event()

@@ -49,7 +49,7 @@ class Runner:
         index: Index,
         jobs: JobStore,
         destinations: Sequence[Destination],
-        pipeline: Callable[[], Pipeline],
+        pipeline: Pipeline,
         results_root: Path,
         clock: Clock = time.time,
     ) -> None:
@@ -57,8 +57,7 @@ class Runner:
         self.index = index
         self.jobs = jobs
         self.destinations = tuple(destinations)
-        self._pipeline_factory = pipeline
-        self._pipeline: Pipeline | None = None
+        self.pipeline = pipeline
         self.results_root = results_root
         self.clock = clock
         d = config.delivery
@@ -68,13 +67,6 @@ class Runner:
             maximum_seconds=d.retry_max_seconds,
             give_up_after_seconds=d.give_up_after_seconds,
         )
-
-    # -- pipeline, loaded on first use so that the listener answers while models load
-    @property
-    def pipeline(self) -> Pipeline:
-        if self._pipeline is None:
-            self._pipeline = self._pipeline_factory()
-        return self._pipeline
 
     def result_folder(self, job: Job) -> Path:
         return self.results_root / job.id

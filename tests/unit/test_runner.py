@@ -76,7 +76,7 @@ def make_runner(parts, clock, *, pipeline=None, destinations=()):
                                 give_up_after_seconds=1000),
     )
     return Runner(config, index=index, jobs=jobs, destinations=destinations,
-                  pipeline=lambda: pipeline, results_root=tmp / "results", clock=clock)
+                  pipeline=pipeline, results_root=tmp / "results", clock=clock)
 
 
 def test_series_is_taken_once_quiet_and_again_when_more_instances_arrive(parts):
