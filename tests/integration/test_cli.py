@@ -66,7 +66,7 @@ def test_process_refuses_three_slices_with_a_reason(tmp_path):
         pytest.skip(f"third-party CT not found at {source}")
     run = dicomnode("process", str(source), "--out", str(tmp_path / "out"))
     assert run.returncode == 2
-    assert "3 slice" in run.stderr and "refused" in run.stderr
+    assert "too few slices: found 3, at least 10" in run.stderr and "refused" in run.stderr
     assert not any((tmp_path / "out").rglob("*.dcm"))
 
 
