@@ -43,9 +43,14 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-    # pyradiomics and pynetdicom are chatty at INFO; their warnings still show.
-    for name in ("radiomics", "pynetdicom"):
+    # pyradiomics, pynetdicom and highdicom are chatty at INFO; their warnings still show.
+    for name in ("radiomics", "pynetdicom", "highdicom"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Over-long or malformed values in received CT would otherwise be reported once per
+    # element per slice; they are dealt with where they matter (assembly, report).
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 def _load_config(path: str | None) -> Config:

@@ -13,6 +13,7 @@ Neither summary contains the patient's name or ID.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydicom import Dataset
@@ -22,6 +23,8 @@ from dicomnode.report.seg import ReportUids, build_seg
 from dicomnode.report.sr import build_sr, report_warnings, summarize_sr
 from dicomnode.report.template import SrTemplate, load_template
 from dicomnode.types import Analysis, Prediction, ReportSet
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ReportUids",
@@ -83,7 +86,34 @@ def build_reports(
         uids=uids,
         series_number=series_number_base + 1,
     )
+    for ds in (seg, sr):
+        if ds is not None:
+            fit_inherited_values(ds)
     return ReportSet(sr=sr, seg=seg)
+
+
+#: Maximum value lengths of the string VRs that are copied from the source CT (PS3.5 6.2).
+_MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64}
+
+
+def fit_inherited_values(ds: Dataset) -> None:
+    """Cut string values copied from the source CT to their VR's maximum length.
+
+    Patient and study attributes are copied from the CT into the SEG and SR; some scanners and
+    anonymisers write over-long values (the IBSI CT has a 17-character Study ID), which would
+    make our objects invalid. The value is shortened, not dropped, and a warning names the
+    attribute (never its value, which may identify the patient).
+    """
+    for element in ds:
+        limit = _MAX_LENGTH.get(element.VR)
+        if limit is None or element.value is None:
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        fitted = [str(v)[:limit] for v in values]
+        if fitted != [str(v) for v in values]:
+            log.warning("%s copied from the source is longer than %s allows: shortened to %d characters",
+                        element.keyword, element.VR, limit)
+            element.value = fitted if element.VM > 1 else fitted[0]
 
 
 def summary_json(analysis: Analysis, reports: ReportSet) -> dict[str, Any]:

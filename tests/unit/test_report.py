@@ -557,3 +557,15 @@ def test_summarize_sr_reads_other_tools_reports(shared_data, relative):
         pytest.skip(f"{path} missing")
     text = summarize_sr(pydicom.dcmread(path))
     assert "measurement group" in text and "Volume" in text
+
+
+def test_over_long_values_copied_from_the_source_are_shortened():
+    from pydicom import Dataset
+
+    from dicomnode.report import fit_inherited_values
+
+    ds = Dataset()
+    ds.StudyID = "IBSI_1_STS_001_CT"  # 17 characters: invalid SH, as in the real IBSI CT
+    ds.InstitutionName = "Clinic"
+    fit_inherited_values(ds)
+    assert ds.StudyID == "IBSI_1_STS_001_C" and ds.InstitutionName == "Clinic"
