@@ -50,7 +50,7 @@ def test_process_writes_seg_sr_and_summary_for_a_phantom(tmp_path):
     assert len(summary["lesions"]) >= 1
     for lesion in summary["lesions"]:
         assert 0.0 <= lesion["tmb_probability"] <= 1.0
-        assert lesion["tmb_status"] in {"High", "Low"}
+        assert lesion["tmb_status"] in {"high", "low"}
     assert dciodvfy_errors(folder / "seg.dcm") == []
     assert dciodvfy_errors(folder / "sr.dcm") == []
     assert dsrdump_ok(folder / "sr.dcm")[0]
