@@ -111,10 +111,12 @@ def run_demo(out: Path, *, seed: int = 10001) -> int:
         uids = [ds.SOPInstanceUID for ds in phantom.datasets]
         score = dice(seg_mask(pydicom.dcmread(folder / "seg.dcm"), uids), phantom.lesion_mask)
         print(f"Dice of the SEG against the phantom's true lesions: {score:.3f}")
-    print(f"Results delivered to the folder destination: {out / 'results'}")
-    print(f"  SEG: {folder / 'seg.dcm' if (folder / 'seg.dcm').exists() else '(none: no lesion)'}")
-    print(f"  SR:  {folder / 'sr.dcm'}")
-    print(f"  summary: {folder / 'summary.json'}")
+    found = len(pydicom.dcmread(folder / "seg.dcm").SegmentSequence) if (folder / "seg.dcm").exists() else 0
+    print(f"Lesions: {len(phantom.lesion_labels)} in the phantom, {found} found by the model")
+    print(f"Delivered to the folder destination {out / 'results'}:")
+    for path in sorted((out / "results").rglob("*.dcm")):
+        print(f"  {pydicom.dcmread(path, stop_before_pixels=True).Modality:<4} {path}")
+    print(f"Job files (SEG, SR, summary.json): {folder}")
     print(f"Demo finished in {time.perf_counter() - started:.0f} s. These are research predictions, not clinical results.")
     return 0
 

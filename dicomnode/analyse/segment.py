@@ -1,0 +1,342 @@
+"""Tumour segmentation: a 3D U-Net turns a CT :class:`~dicomnode.types.Volume` into lesions.
+
+PURE: reads the model once in :meth:`Segmenter.load`, writes nothing.
+
+The model folder (``models/segmentation/`` by default) holds ``weights.pt`` (a PyTorch
+``state_dict``) and ``manifest.json``, which says how to rebuild the network and how its
+input was prepared during training, so that retraining can change either without touching
+this code::
+
+    {
+      "name": "...", "version": "...", "family": "3D U-Net",
+      "architecture": {"class": "UNet", "params": {...monai.networks.nets.UNet arguments...}},
+      "preprocessing": {"spacing_mm": [z, y, x], "hu_window": [low, high]},
+      "inference": {"roi_size": [z, y, x]},
+      "weights": {"file": "weights.pt", "sha256": "..."},
+      "training": {...provenance, free form...}
+    }
+
+Inference: HU are clipped to the window and scaled to [-1, 1], the volume is resampled to the
+training spacing (with a Gaussian pre-filter where it is downsampled, against aliasing), the
+network runs over it in overlapping windows (Gaussian-weighted sliding-window inference), the
+lesion probability is resampled back to the native grid, thresholded, split into 3D connected
+components (26-connectivity), components below ``min_lesion_ml`` are dropped and the rest are
+numbered 1..N from the largest to the smallest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import BasicUNet, UNet
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from dicomnode.config import Config, SegmentationConfig
+from dicomnode.errors import ModelError
+from dicomnode.types import LabelVolume, Lesion, ModelInfo, Volume
+
+#: Network classes a manifest may name (a whitelist: the manifest never imports code).
+ARCHITECTURES: dict[str, type[torch.nn.Module]] = {"UNet": UNet, "BasicUNet": BasicUNet}
+MANIFEST_FILE = "manifest.json"
+#: Normalised value of air (the bottom of the HU window): what padding must look like.
+PAD_VALUE = -1.0
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How HU volumes are turned into network input (from the manifest's ``preprocessing``)."""
+
+    spacing_mm: tuple[float, float, float]
+    hu_window: tuple[float, float]
+
+    def normalise(self, hu: NDArray[np.floating]) -> NDArray[np.float32]:
+        """Clip to the HU window and scale it linearly to [-1, 1]."""
+        low, high = self.hu_window
+        clipped = np.clip(np.asarray(hu, dtype=np.float32), low, high)
+        return (clipped - np.float32(low)) * np.float32(2.0 / (high - low)) - np.float32(1.0)
+
+    def grid_shape(
+        self, shape: tuple[int, ...], spacing: tuple[float, float, float]
+    ) -> tuple[int, int, int]:
+        """Shape of the training-spacing grid that covers the same extent as ``shape``."""
+        return tuple(  # type: ignore[return-value]
+            max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, self.spacing_mm)
+        )
+
+    def to_training_grid(
+        self, image: NDArray[np.float32], spacing: tuple[float, float, float]
+    ) -> NDArray[np.float32]:
+        """Resample a normalised image (or a mask as float) onto the training-spacing grid.
+
+        Both grids span the same physical extent (``n * spacing``), so
+        ``align_corners=False`` interpolation puts voxel centres where they belong, and
+        :func:`from_training_grid` is its exact geometric inverse.
+        """
+        factors = np.asarray(self.spacing_mm) / np.asarray(spacing)
+        sigma = np.where(factors > 1, 0.5 * (factors - 1), 0.0)  # anti-aliasing when shrinking
+        if np.any(sigma > 0):
+            image = ndimage.gaussian_filter(image, sigma, mode="nearest")
+        return resize(image, self.grid_shape(image.shape, spacing))
+
+
+def resize(image: NDArray[np.floating], shape: tuple[int, ...]) -> NDArray[np.float32]:
+    """Trilinear resampling of a ``(z, y, x)`` array to ``shape`` over the same extent."""
+    if tuple(image.shape) == tuple(shape):
+        return np.asarray(image, dtype=np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    out = F.interpolate(tensor, size=tuple(int(n) for n in shape), mode="trilinear",
+                        align_corners=False)
+    return out[0, 0].numpy()
+
+
+@dataclass(frozen=True)
+class SegmentationManifest:
+    """The validated content of ``manifest.json``."""
+
+    name: str
+    version: str
+    family: str
+    architecture: str
+    params: dict[str, Any]
+    preprocessing: Preprocessing
+    roi_size: tuple[int, int, int]
+    weights_file: str
+    weights_sha256: str
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_FILE) -> SegmentationManifest:
+        try:
+            arch = data["architecture"]
+            prep = data["preprocessing"]
+            manifest = cls(
+                name=str(data["name"]),
+                version=str(data["version"]),
+                family=str(data.get("family", "3D U-Net")),
+                architecture=str(arch["class"]),
+                params=dict(arch["params"]),
+                preprocessing=Preprocessing(
+                    spacing_mm=_triple(prep["spacing_mm"], float),
+                    hu_window=(float(prep["hu_window"][0]), float(prep["hu_window"][1])),
+                ),
+                roi_size=_triple(data["inference"]["roi_size"], int),
+                weights_file=str(data["weights"]["file"]),
+                weights_sha256=str(data["weights"].get("sha256", "")),
+                raw=data,
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ModelError(f"{where}: malformed segmentation manifest ({exc!r})") from None
+        if manifest.architecture not in ARCHITECTURES:
+            raise ModelError(
+                f"{where}: architecture {manifest.architecture!r} is not one of "
+                f"{', '.join(ARCHITECTURES)}"
+            )
+        low, high = manifest.preprocessing.hu_window
+        if not high > low or min(manifest.preprocessing.spacing_mm) <= 0:
+            raise ModelError(f"{where}: preprocessing needs high > low HU and positive spacing")
+        return manifest
+
+    def build_network(self) -> torch.nn.Module:
+        """A fresh, untrained network with the manifest's architecture."""
+        try:
+            return ARCHITECTURES[self.architecture](**self.params)
+        except (TypeError, ValueError, AssertionError) as exc:
+            raise ModelError(f"{self.architecture} parameters in the manifest are invalid: {exc}")
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(name=self.name, version=self.version, family=self.family, task="segmentation")
+
+
+def _triple(values: Any, kind: type) -> tuple:
+    out = tuple(kind(v) for v in values)
+    if len(out) != 3:
+        raise ValueError(f"expected 3 values, got {values!r}")
+    return out
+
+
+def pick_device(device: str) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ModelError(f"segmentation device {device!r} is not valid: {exc}") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Segmenter:
+    """Finds lesions in CT volumes with a 3D U-Net loaded once.
+
+    Build it with :meth:`load` (or :meth:`from_config`); the constructor takes an in-memory
+    network, which training uses to validate the model it is fitting with this exact code.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        manifest: SegmentationManifest,
+        *,
+        device: str = "auto",
+        min_lesion_ml: float = 0.5,
+        probability_threshold: float = 0.5,
+        sw_batch_size: int = 2,
+        overlap: float = 0.25,
+    ) -> None:
+        if not 0.0 < probability_threshold < 1.0:
+            raise ModelError(f"probability_threshold must lie in (0, 1), got {probability_threshold}")
+        if not 0.0 <= overlap < 1.0:
+            raise ModelError(f"overlap must lie in [0, 1), got {overlap}")
+        self.device = pick_device(device)
+        self.network = network.to(self.device).eval()
+        self.manifest = manifest
+        self.min_lesion_ml = min_lesion_ml
+        self.probability_threshold = probability_threshold
+        self.sw_batch_size = sw_batch_size
+        self.overlap = overlap
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        *,
+        device: str = "auto",
+        min_lesion_ml: float = 0.5,
+        probability_threshold: float = 0.5,
+        sw_batch_size: int = 2,
+        overlap: float = 0.25,
+    ) -> Segmenter:
+        """Read ``manifest.json`` and the weights it names from ``model_dir``.
+
+        Raises
+        ------
+        ModelError
+            When the folder, the manifest or the weights are missing, the weights' checksum
+            differs from the manifest's, or the weights do not fit the architecture.
+        """
+        model_dir = Path(model_dir)
+        manifest_path = model_dir / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise ModelError(f"segmentation model: {manifest_path} not found "
+                             "(train one with `dicomnode train segmentation`)")
+        try:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{manifest_path}: not valid JSON: {exc}") from None
+        manifest = SegmentationManifest.from_dict(data, str(manifest_path))
+        weights_path = model_dir / manifest.weights_file
+        if not weights_path.is_file():
+            raise ModelError(f"segmentation model: weights {weights_path} not found")
+        if manifest.weights_sha256 and sha256_of(weights_path) != manifest.weights_sha256:
+            raise ModelError(f"{weights_path}: SHA-256 differs from the manifest's; the weights "
+                             "and the manifest do not belong together")
+        network = manifest.build_network()
+        try:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            network.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError, OSError, ValueError) as exc:
+            raise ModelError(f"{weights_path}: weights do not match the manifest's "
+                             f"{manifest.architecture}: {str(exc).splitlines()[0]}") from None
+        return cls(network, manifest, device=device, min_lesion_ml=min_lesion_ml,
+                   probability_threshold=probability_threshold, sw_batch_size=sw_batch_size,
+                   overlap=overlap)
+
+    @classmethod
+    def from_config(cls, cfg: SegmentationConfig, config: Config) -> Segmenter:
+        """:meth:`load` with the ``[segmentation]`` section; the model folder via ``config.resolve``."""
+        return cls.load(
+            config.resolve(cfg.model_dir),
+            device=cfg.device,
+            min_lesion_ml=cfg.min_lesion_ml,
+            probability_threshold=cfg.probability_threshold,
+            sw_batch_size=cfg.sw_batch_size,
+            overlap=cfg.overlap,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.manifest.info
+
+    def probabilities(self, volume: Volume) -> NDArray[np.float32]:
+        """Lesion probability per voxel of ``volume`` (native grid, ``float32`` in [0, 1])."""
+        prep = self.manifest.preprocessing
+        spacing = volume.geometry.spacing
+        image = prep.to_training_grid(prep.normalise(volume.hu), spacing)
+        tensor = torch.from_numpy(image)[None, None].to(self.device)
+        with torch.inference_mode():
+            logits = sliding_window_inference(
+                tensor,
+                roi_size=self.manifest.roi_size,
+                sw_batch_size=self.sw_batch_size,
+                predictor=self.network,
+                overlap=self.overlap,
+                mode="gaussian",
+                cval=PAD_VALUE,
+            )
+            # Interpolate logits, not probabilities: the 0.5 boundary moves smoothly.
+            logits = F.interpolate(logits, size=volume.shape, mode="trilinear",
+                                   align_corners=False)
+            probability = torch.sigmoid(logits)[0, 0]
+        return probability.float().cpu().numpy()
+
+    def segment(self, volume: Volume) -> LabelVolume:
+        """Label the lesions of ``volume`` (see the module docstring for the steps)."""
+        mask = self.probabilities(volume) >= self.probability_threshold
+        labels, lesions = label_lesions(mask, volume, self.min_lesion_ml)
+        return LabelVolume(labels=labels, lesions=lesions, model_name=self.info.name,
+                           model_version=self.info.version)
+
+
+def label_lesions(
+    mask: NDArray[np.bool_], volume: Volume, min_lesion_ml: float
+) -> tuple[NDArray[np.uint16], tuple[Lesion, ...]]:
+    """Connected components of ``mask`` as lesions: small ones dropped, largest first.
+
+    Parameters
+    ----------
+    mask:
+        Foreground on the grid of ``volume``.
+    volume:
+        Supplies the voxel size and the affine for the centroids (patient mm, PS3.3 C.7.6.2).
+    min_lesion_ml:
+        Components smaller than this are dropped.
+    """
+    components, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
+    counts = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    keep = [k + 1 for k in np.argsort(-counts, kind="stable") if counts[k] * voxel_ml >= min_lesion_ml]
+    relabel = np.zeros(n + 1, dtype=np.uint16)
+    relabel[keep] = np.arange(1, len(keep) + 1, dtype=np.uint16)
+    labels = relabel[components]
+    boxes = ndimage.find_objects(labels)
+    affine = volume.geometry.affine()
+    lesions = []
+    for label, box in enumerate(boxes, start=1):
+        local = np.argwhere(labels[box] == label)
+        centroid = local.mean(axis=0) + [s.start for s in box]
+        centre_mm = affine @ np.append(centroid, 1.0)
+        lesions.append(Lesion(
+            label=label,
+            voxel_count=len(local),
+            volume_ml=len(local) * voxel_ml,
+            centroid_mm=tuple(float(v) for v in centre_mm[:3]),  # type: ignore[arg-type]
+            bbox=tuple((int(s.start), int(s.stop)) for s in box),  # type: ignore[arg-type]
+        ))
+    return labels, tuple(lesions)

@@ -1,0 +1,775 @@
+"""Train the DEMONSTRATION lesion-segmentation 3D U-Net that :mod:`dicomnode.analyse.segment` runs.
+
+``dicomnode train segmentation --out models/segmentation [--data-root ../shared/data]
+[--epochs N] [--seed S]`` runs :func:`train_segmentation`, which
+
+1. makes synthetic abdominal CT phantoms (:func:`dicomnode.phantom.make_phantom_study`) with
+   seeds ``0 .. n_phantoms - 1`` in three geometries, plus lesion-free water volumes;
+2. when ``data_root`` is given, inserts synthetic lesions (:func:`dicomnode.phantom.insert_lesions`)
+   into the real CT volumes listed in :data:`REAL_CT` (missing files are skipped with a log
+   line); the real tumours those volumes already contain are excluded from the loss (neither
+   lesion nor background) and from lesion placement;
+3. brings every volume onto the training grid with the very preprocessing the node uses
+   (:class:`dicomnode.analyse.segment.Preprocessing`);
+4. trains a MONAI ``UNet`` on patches (two thirds centred near a lesion), with random flips
+   and intensity jitter, Dice + cross-entropy loss (``monai.losses.DiceCELoss``), AdamW and a
+   cosine learning-rate schedule;
+5. after each epoch, segments held-out phantoms (seeds from :data:`VALIDATION_SEED_START`,
+   never trained on) with :class:`~dicomnode.analyse.segment.Segmenter` exactly as the node
+   would, and keeps the weights with the best mean Dice;
+6. writes ``weights.pt``, ``manifest.json``, ``training_curve.png``, ``MODEL_CARD.md`` and
+   ``RECIPE.md`` into ``out_dir``.
+
+Seeds 10000 and above are reserved for tests and the demo and are never used here.
+Deterministic for a given seed, device and thread count.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from dicomnode import __version__
+from dicomnode.analyse.segment import (
+    PAD_VALUE,
+    Preprocessing,
+    Segmenter,
+    SegmentationManifest,
+    pick_device,
+    resize,
+    sha256_of,
+)
+from dicomnode.phantom import insert_lesions, make_phantom_study, soft_tissue_region
+from dicomnode.types import Geometry, SeriesKey, Volume
+
+#: Phantom seeds at or above this are held out for validation, never trained on.
+VALIDATION_SEED_START = 9_000
+#: Seeds at or above this are reserved for tests and the demo.
+RESERVED_SEED_START = 10_000
+#: Real CT (relative to ``data_root``) into which lesions are inserted, and the mask of the
+#: real tumour each already holds (excluded from the loss), or ``None``.
+REAL_CT: tuple[tuple[str, str, str | None], ...] = (
+    ("lung1", "pyradiomics/lung1_image.nrrd", "pyradiomics/lung1_label.nrrd"),
+    ("lung2", "pyradiomics/lung2_image.nrrd", "pyradiomics/lung2_label.nrrd"),
+    ("ibsi_sts_001", "ibsi_sts_001/nifti/CT_image.nii.gz", "ibsi_sts_001/nifti/CT_mask.nii.gz"),
+    ("totalsegmentator", "totalsegmentator/tests/reference_files/example_ct_dicom", None),
+)
+#: Geometries the training phantoms cycle through: ``((z, y, x) shape, (z, y, x) spacing)``.
+PHANTOM_GEOMETRIES: tuple[tuple[tuple[int, int, int], tuple[float, float, float]], ...] = (
+    ((48, 128, 128), (2.5, 1.5, 1.5)),
+    ((24, 144, 144), (5.0, 1.3, 1.3)),
+    ((60, 112, 112), (2.0, 1.7, 1.7)),
+)
+MODEL_NAME = "dicomnode-lesion-unet"
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of a training run; the defaults train the shipped model.
+
+    ``epochs x iterations_per_epoch`` optimiser steps of ``batch_size`` patches each.
+    """
+
+    epochs: int = 18
+    iterations_per_epoch: int = 250
+    batch_size: int = 4
+    patch_size: tuple[int, int, int] = (32, 64, 64)
+    spacing_mm: tuple[float, float, float] = (2.5, 1.5, 1.5)
+    hu_window: tuple[float, float] = (-200.0, 300.0)
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    #: 0: the output comes straight from a transposed convolution. With residual units MONAI's
+    #: UNet ends in a one-channel instance normalisation, which forces every patch's logits
+    #: to zero mean and unit variance and keeps the model from learning "no lesion here".
+    num_res_units: int = 0
+    learning_rate: float = 5e-3
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 50
+    #: Initial bias of the output layer: the logit of the expected lesion fraction, so that
+    #: training starts from "mostly background" instead of spending its first thousand
+    #: steps getting there (Lin et al., focal loss, 2017).
+    output_bias: float = -3.0
+    #: Decay of the exponential moving average of the weights that is validated and shipped
+    #: (smoother than the last iterate; no batch-norm statistics to track in this network).
+    ema_decay: float = 0.998
+    lesion_patch_fraction: float = 0.6
+    #: Share of patches drawn from real CT (when ``data_root`` is given) and from the
+    #: lesion-free water volumes; the rest come from phantoms.
+    real_fraction: float = 0.3
+    water_fraction: float = 0.05
+    n_phantoms: int = 40
+    phantom_geometries: tuple[tuple[tuple[int, int, int], tuple[float, float, float]], ...] = (
+        PHANTOM_GEOMETRIES
+    )
+    n_water: int = 3
+    real_variants: int = 3
+    n_validation: int = 6
+    validation_geometry: tuple[tuple[int, int, int], tuple[float, float, float]] = (
+        PHANTOM_GEOMETRIES[0]
+    )
+    threads: int = 2
+    version: str = "1.0.0"
+
+    def __post_init__(self) -> None:
+        if self.n_phantoms > VALIDATION_SEED_START:
+            raise ValueError(f"n_phantoms must be <= {VALIDATION_SEED_START} (seed ranges)")
+        if self.n_validation > RESERVED_SEED_START - VALIDATION_SEED_START:
+            raise ValueError("too many validation phantoms for the validation seed range")
+        factor = 2 ** len(self.strides)
+        if any(p % factor for p in self.patch_size):
+            raise ValueError(f"patch_size {self.patch_size} must be a multiple of {factor}")
+
+
+@dataclass(frozen=True)
+class TrainingReport:
+    """What a training run did and produced."""
+
+    out_dir: Path
+    best_validation_dice: float
+    best_epoch: int
+    epochs: int
+    iterations: int
+    seconds: float
+    device: str
+    weights_bytes: int
+    train_seeds: tuple[int, ...]
+    validation_seeds: tuple[int, ...]
+    data_used: tuple[str, ...]
+    losses: tuple[float, ...] = field(repr=False)
+    epoch_losses: tuple[float, ...] = field(repr=False)
+    validation_dice: tuple[float, ...] = field(repr=False)
+    real_ct_checks: tuple[dict[str, Any], ...] = field(repr=False, default=())
+
+    def __str__(self) -> str:
+        return (
+            f"segmentation model written to {self.out_dir}: best validation Dice "
+            f"{self.best_validation_dice:.3f} (epoch {self.best_epoch} of {self.epochs}), "
+            f"{self.iterations} iterations in {self.seconds / 60:.1f} min on {self.device}, "
+            f"weights {self.weights_bytes / 1e6:.1f} MB"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Training data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One training volume on the training grid."""
+
+    name: str
+    group: str  # "phantom", "real" or "water": patches are drawn per group
+    image: NDArray[np.float32]  # normalised HU
+    label: NDArray[np.bool_]
+    ignore: NDArray[np.bool_] | None
+    lesion_voxels: NDArray[np.int64]  # (n, 3) indices of lesion voxels
+
+
+def _item(name: str, group: str, hu: NDArray[np.floating], mask: NDArray[np.bool_],
+          spacing: tuple[float, float, float], prep: Preprocessing,
+          ignore: NDArray[np.bool_] | None = None) -> _Item:
+    """Bring one volume and its masks onto the training grid exactly as inference would."""
+    image = prep.to_training_grid(prep.normalise(hu), spacing)
+    shape = image.shape
+
+    def on_grid(m: NDArray[np.bool_]) -> NDArray[np.bool_]:
+        return resize(m.astype(np.float32), shape) >= 0.5
+
+    label = on_grid(mask)
+    return _Item(name, group, image, label, None if ignore is None else on_grid(ignore),
+                 np.argwhere(label))
+
+
+def _phantom_items(seeds: Sequence[int], recipe: Recipe, prep: Preprocessing, log: Log) -> list[_Item]:
+    items = []
+    for seed in seeds:
+        shape, spacing = recipe.phantom_geometries[seed % len(recipe.phantom_geometries)]
+        phantom = make_phantom_study(seed, shape=shape, spacing=spacing, n_lesions=1 + seed % 4)
+        items.append(_item(f"phantom {seed}", "phantom", phantom.hu, phantom.lesion_mask, spacing, prep))
+    log(f"  {len(items)} phantoms (seeds {seeds[0]}..{seeds[-1]})" if items else "  no phantom")
+    return items
+
+
+def _water_items(n: int, rng: np.random.Generator, prep: Preprocessing) -> list[_Item]:
+    """Lesion-free negatives: uniform water, and a water cylinder in air, with noise."""
+    items = []
+    shape, spacing = (40, 96, 96), prep.spacing_mm
+    for k in range(n):
+        hu = np.zeros(shape, dtype=np.float32)
+        if k % 2:
+            y, x = np.ogrid[-1:1:shape[1] * 1j, -1:1:shape[2] * 1j]
+            hu[:, (y**2 + x**2) > 0.8] = -1000.0
+        hu += rng.normal(0, rng.uniform(0, 20), size=shape).astype(np.float32)
+        items.append(_item(f"water {k}", "water", hu, np.zeros(shape, bool), spacing, prep))
+    return items
+
+
+def _read_real_ct(path: Path) -> tuple[NDArray[np.float32], tuple[float, float, float]]:
+    """A real CT as ``(z, y, x)`` HU and spacing: a DICOM folder (via assemble) or an ITK image."""
+    if path.is_dir():
+        import pydicom
+
+        from dicomnode.assemble import assemble
+
+        volume = assemble([pydicom.dcmread(p) for p in sorted(path.iterdir()) if p.is_file()])
+        return volume.hu, volume.geometry.spacing
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    return sitk.GetArrayFromImage(image).astype(np.float32), spacing  # type: ignore[return-value]
+
+
+def _read_mask(path: Path) -> NDArray[np.bool_]:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0
+
+
+def _real_items(data_root: Path, recipe: Recipe, rng: np.random.Generator, prep: Preprocessing,
+                log: Log) -> tuple[list[_Item], list[str]]:
+    items, used = [], []
+    for name, image_path, mask_path in REAL_CT:
+        path = data_root / image_path
+        if not path.exists():
+            log(f"  skipped {name}: {path} not found")
+            continue
+        hu, spacing = _read_real_ct(path)
+        tumour = np.zeros(hu.shape, dtype=bool)
+        if mask_path is not None and (data_root / mask_path).exists():
+            tumour = _read_mask(data_root / mask_path)
+            # A margin around the real tumour: its border is neither lesion nor background.
+            tumour = ndimage.binary_dilation(tumour, iterations=2)
+        region = soft_tissue_region(hu, spacing) & ~ndimage.binary_dilation(tumour, iterations=8)
+        for variant in range(recipe.real_variants):
+            inserted, mask = insert_lesions(hu, spacing, rng, n_lesions=int(rng.integers(2, 5)),
+                                            region_mask=region)
+            items.append(_item(f"{name} #{variant}", "real", inserted, mask, spacing, prep,
+                               ignore=tumour if tumour.any() else None))
+        used.append(f"{name} ({image_path}, {hu.shape[0]}x{hu.shape[1]}x{hu.shape[2]}, "
+                    f"{recipe.real_variants} lesion insertions)")
+        log(f"  {name}: {recipe.real_variants} variants with inserted lesions")
+    return items, used
+
+
+# --------------------------------------------------------------------------------------------
+# Patches
+# --------------------------------------------------------------------------------------------
+
+
+def _crop(array: NDArray, start: NDArray[np.int64], size: tuple[int, int, int], fill: float) -> NDArray:
+    """``array[start : start + size]`` with ``fill`` where the window leaves the array."""
+    out = np.full(size, fill, dtype=array.dtype)
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, array.shape)
+    if np.any(hi <= lo):
+        return out
+    dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start))
+    out[dst] = array[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+    return out
+
+
+def _sample_patch(item: _Item, recipe: Recipe, rng: np.random.Generator) -> tuple[NDArray, ...]:
+    """Image, label and ignore patches; near a lesion with ``lesion_patch_fraction``."""
+    size = np.asarray(recipe.patch_size)
+    shape = np.asarray(item.image.shape)
+    if len(item.lesion_voxels) and rng.random() < recipe.lesion_patch_fraction:
+        centre = item.lesion_voxels[rng.integers(len(item.lesion_voxels))]
+        centre = centre + rng.integers(-size // 4, size // 4 + 1)
+    else:
+        # Anywhere, including the borders, so that padding is seen in training as at inference.
+        centre = rng.integers(np.minimum(size // 4, shape // 2), np.maximum(shape - size // 4, shape // 2 + 1))
+    start = centre - size // 2
+    image = _crop(item.image, start, recipe.patch_size, PAD_VALUE)
+    label = _crop(item.label, start, recipe.patch_size, False)
+    ignore = (_crop(item.ignore, start, recipe.patch_size, False) if item.ignore is not None
+              else np.zeros(recipe.patch_size, dtype=bool))
+    for axis in range(3):
+        if rng.random() < 0.5:
+            image, label, ignore = (np.flip(a, axis) for a in (image, label, ignore))
+    # Intensity jitter: calibration (+-25 HU), contrast (+-10 %) and extra noise (<= 10 HU).
+    image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
+    image = image + rng.normal(0, rng.uniform(0, 0.04), size=image.shape)
+    return image.astype(np.float32), label, ignore
+
+
+def _batch(items: Sequence[_Item], recipe: Recipe, rng: np.random.Generator):
+    """``batch_size`` patches: a group drawn by its share (:class:`Recipe`), then an item."""
+    groups: dict[str, list[_Item]] = {}
+    for item in items:
+        groups.setdefault(item.group, []).append(item)
+    share = {"real": recipe.real_fraction, "water": recipe.water_fraction}
+    names = sorted(groups)
+    weights = np.array([share.get(g, 1.0 - recipe.real_fraction - recipe.water_fraction)
+                        for g in names])
+    patches = []
+    for _ in range(recipe.batch_size):
+        members = groups[names[rng.choice(len(names), p=weights / weights.sum())]]
+        patches.append(_sample_patch(members[rng.integers(len(members))], recipe, rng))
+    image, label, ignore = (torch.from_numpy(np.ascontiguousarray(np.stack(p)))[:, None]
+                            for p in zip(*patches))
+    return image, label.float(), ignore
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def dice(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> float:
+    """Dice coefficient of two masks; 1 when both are empty."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def _volume(hu: NDArray[np.float32], spacing: tuple[float, float, float], name: str) -> Volume:
+    """A bare :class:`Volume` for arrays that never were DICOM (validation and checks)."""
+    geometry = Geometry((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0),
+                        spacing)
+    return Volume(hu=hu, geometry=geometry, key=SeriesKey(name, name), sources=(),
+                  frame_of_reference_uid="")
+
+
+def _validate(segmenter: Segmenter, cases: Sequence[tuple[Volume, NDArray[np.bool_]]]) -> float:
+    scores = [dice(segmenter.segment(v).labels > 0, truth) for v, truth in cases]
+    return float(np.mean(scores))
+
+
+def _real_ct_checks(segmenter: Segmenter, data_root: Path | None, seed: int, log: Log
+                    ) -> list[dict[str, Any]]:
+    """Dice and false-positive lesions on real CT with lesions inserted with an unseen seed."""
+    if data_root is None:
+        return []
+    rng = np.random.default_rng([seed, 7919])
+    checks = []
+    for name, image_path, mask_path in REAL_CT:
+        path = data_root / image_path
+        if not path.exists():
+            continue
+        hu, spacing = _read_real_ct(path)
+        tumour = (_read_mask(data_root / mask_path) if mask_path and (data_root / mask_path).exists()
+                  else np.zeros(hu.shape, dtype=bool))
+        region = soft_tissue_region(hu, spacing) & ~ndimage.binary_dilation(tumour, iterations=10)
+        inserted, truth = insert_lesions(hu, spacing, rng, n_lesions=3, region_mask=region)
+        found = segmenter.segment(_volume(inserted, spacing, name)).labels
+        outside = found.copy()
+        outside[np.isin(found, np.unique(found[truth | tumour]))] = 0
+        plain = segmenter.segment(_volume(hu, spacing, name)).labels
+        check = {
+            "case": name,
+            "dice_inserted": round(dice((found > 0) & ~tumour, truth), 3),
+            "inserted_lesions": int(ndimage.label(truth)[1]),
+            "found_lesions": int(found.max()),
+            "false_positive_lesions": int(len(np.unique(outside)) - 1),
+            "lesions_found_without_insertion": int(plain.max()),
+            "of_which_on_real_tumour": int(len(np.unique(plain[tumour & (plain > 0)]))),
+        }
+        checks.append(check)
+        log(f"  real CT check {name}: {check}")
+    return checks
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def _manifest_dict(recipe: Recipe, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": MODEL_NAME,
+        "version": recipe.version,
+        "family": "3D U-Net",
+        "architecture": {
+            "class": "UNet",
+            "params": {
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "out_channels": 1,
+                "channels": list(recipe.channels),
+                "strides": list(recipe.strides),
+                "num_res_units": recipe.num_res_units,
+            },
+        },
+        "preprocessing": {"spacing_mm": list(recipe.spacing_mm), "hu_window": list(recipe.hu_window)},
+        "inference": {"roi_size": list(recipe.patch_size), "output": "sigmoid lesion probability"},
+        **extra,
+    }
+
+
+def train_segmentation(
+    out_dir: Path,
+    *,
+    data_root: Path | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    recipe: Recipe = Recipe(),
+    log: Log = print,
+) -> TrainingReport:
+    """Train the lesion U-Net and write a complete model folder.
+
+    Parameters
+    ----------
+    out_dir:
+        Where ``weights.pt``, ``manifest.json``, ``training_curve.png``, ``MODEL_CARD.md`` and
+        ``RECIPE.md`` go (created if needed; existing files are replaced).
+    data_root:
+        A folder laid out like ``../shared/data``; lesions are also inserted into the real CT
+        found there (:data:`REAL_CT`). ``None``: phantoms only.
+    epochs:
+        Overrides ``recipe.epochs``.
+    seed:
+        Seeds weight initialisation, patch sampling, augmentation and lesion insertion into
+        real CT. Phantom seeds are fixed: ``0 .. n_phantoms - 1`` for training and
+        ``9000 ..`` for validation.
+    device:
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    recipe:
+        Every other setting (:class:`Recipe`); its defaults train the shipped model.
+    log:
+        Receives one line per step and per epoch.
+
+    Returns
+    -------
+    TrainingReport
+    """
+    from monai.losses import DiceCELoss
+
+    if epochs is not None:
+        recipe = replace(recipe, epochs=epochs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        started = time.perf_counter()
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        run_device = pick_device(device)
+        prep = Preprocessing(recipe.spacing_mm, recipe.hu_window)
+        manifest = SegmentationManifest.from_dict(_manifest_dict(
+            recipe, {"weights": {"file": "weights.pt"}}))
+
+        log("preparing training data")
+        train_seeds = tuple(range(recipe.n_phantoms))
+        val_seeds = tuple(range(VALIDATION_SEED_START, VALIDATION_SEED_START + recipe.n_validation))
+        items = _phantom_items(train_seeds, recipe, prep, log)
+        items += _water_items(recipe.n_water, rng, prep)
+        data_used = [f"{len(train_seeds)} synthetic phantoms (make_phantom_study seeds "
+                     f"{train_seeds[0]}-{train_seeds[-1]}, 1-4 lesions each, geometries "
+                     f"{[g for g in recipe.phantom_geometries]})",
+                     f"{recipe.n_water} lesion-free water volumes (uniform or cylinder, noise 0-20 HU)"]
+        if data_root is not None:
+            real, used = _real_items(Path(data_root), recipe, rng, prep, log)
+            items += real
+            data_used += used
+        val_shape, val_spacing = recipe.validation_geometry
+        validation = []
+        for s in val_seeds:
+            p = make_phantom_study(s, shape=val_shape, spacing=val_spacing, n_lesions=1 + s % 4)
+            validation.append((_volume(p.hu, p.spacing, f"validation {s}"), p.lesion_mask))
+        log(f"  {len(items)} training volumes, {len(validation)} validation phantoms "
+            f"({time.perf_counter() - started:.0f} s)")
+
+        network = manifest.build_network()
+        _init_output_bias(network, recipe.output_bias)
+        network = network.to(run_device)
+        optimiser = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate,
+                                      weight_decay=recipe.weight_decay)
+        total = recipe.epochs * recipe.iterations_per_epoch
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: _lr_factor(i, total, recipe))
+        loss_fn = DiceCELoss(sigmoid=True, batch=True)
+        losses: list[float] = []
+        epoch_losses: list[float] = []
+        val_dice: list[float] = []
+        average = copy.deepcopy(network).eval()
+        best = (-1.0, 0, copy.deepcopy(average.state_dict()))
+        step = 0
+        for epoch in range(1, recipe.epochs + 1):
+            network.train()
+            for _ in range(recipe.iterations_per_epoch):
+                image, label, ignore = (t.to(run_device) for t in _batch(items, recipe, rng))
+                logits = network(image)
+                # Ignored voxels (real tumours we did not draw) are forced to a confident,
+                # correct background: they then add nothing to either loss term.
+                logits = torch.where(ignore, torch.full_like(logits, -20.0), logits)
+                loss = loss_fn(logits, label)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                step += 1
+                _update_average(average, network, min(recipe.ema_decay, (1 + step) / (10 + step)))
+                losses.append(float(loss.detach()))
+            epoch_losses.append(float(np.mean(losses[-recipe.iterations_per_epoch:])))
+            segmenter = Segmenter(average, manifest, device=str(run_device))
+            val_dice.append(_validate(segmenter, validation))
+            if val_dice[-1] > best[0]:
+                best = (val_dice[-1], epoch, copy.deepcopy(average.state_dict()))
+            log(f"epoch {epoch}/{recipe.epochs}: loss {epoch_losses[-1]:.4f}, validation Dice "
+                f"{val_dice[-1]:.3f} (best {best[0]:.3f}), {time.perf_counter() - started:.0f} s")
+
+        network.load_state_dict(best[2])
+        segmenter = Segmenter(network, manifest, device=str(run_device))
+        checks = _real_ct_checks(segmenter, Path(data_root) if data_root else None, seed, log)
+        seconds = time.perf_counter() - started
+        report = TrainingReport(
+            out_dir=out_dir, best_validation_dice=best[0], best_epoch=best[1],
+            epochs=recipe.epochs, iterations=total, seconds=seconds, device=str(run_device),
+            weights_bytes=0, train_seeds=train_seeds, validation_seeds=val_seeds,
+            data_used=tuple(data_used), losses=tuple(losses), epoch_losses=tuple(epoch_losses),
+            validation_dice=tuple(val_dice), real_ct_checks=tuple(checks),
+        )
+        return _write_model(out_dir, network, recipe, report, seed, data_root)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def _update_average(average: torch.nn.Module, network: torch.nn.Module, decay: float) -> None:
+    """``average <- decay * average + (1 - decay) * network``, parameter by parameter."""
+    for mean, current in zip(average.parameters(), network.parameters()):
+        mean.lerp_(current, 1.0 - decay)
+
+
+def _init_output_bias(network: torch.nn.Module, value: float) -> None:
+    """Set the bias of the network's last layer (the last bias parameter it registers)."""
+    biases = [p for name, p in network.named_parameters() if name.endswith("bias")]
+    with torch.no_grad():
+        biases[-1].fill_(value)
+
+
+def _lr_factor(iteration: int, total: int, recipe: Recipe) -> float:
+    """Linear warm-up, then cosine decay to 5 % of the base learning rate."""
+    if iteration < recipe.warmup_iterations:
+        return (iteration + 1) / recipe.warmup_iterations
+    progress = (iteration - recipe.warmup_iterations) / max(1, total - recipe.warmup_iterations)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# --------------------------------------------------------------------------------------------
+# Output files
+# --------------------------------------------------------------------------------------------
+
+
+def _write_model(out_dir: Path, network: torch.nn.Module, recipe: Recipe, report: TrainingReport,
+                 seed: int, data_root: Path | None) -> TrainingReport:
+    weights = out_dir / "weights.pt"
+    torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, weights)
+    report = replace(report, weights_bytes=weights.stat().st_size)
+    training = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": report.device,
+        "host": f"{platform.machine()}, {recipe.threads} CPU thread(s)",
+        "seconds": round(report.seconds, 1),
+        "torch": torch.__version__,
+        "monai": _monai_version(),
+        "dicomnode": __version__,
+        "seed": seed,
+        "recipe": _jsonable(asdict(recipe)),
+        "train_phantom_seeds": [report.train_seeds[0], report.train_seeds[-1]],
+        "validation_phantom_seeds": list(report.validation_seeds),
+        "reserved_seeds": f">= {RESERVED_SEED_START} (tests and demo; never trained on)",
+        "data": list(report.data_used),
+        "data_root": str(data_root) if data_root else None,
+        "best_epoch": report.best_epoch,
+        "validation_dice": round(report.best_validation_dice, 4),
+        "validation_dice_per_epoch": [round(d, 4) for d in report.validation_dice],
+        "loss_per_epoch": [round(x, 4) for x in report.epoch_losses],
+        "real_ct_checks": list(report.real_ct_checks),
+    }
+    manifest = _manifest_dict(recipe, {
+        "weights": {"file": weights.name, "sha256": sha256_of(weights),
+                    "bytes": report.weights_bytes},
+        "training": training,
+    })
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    _plot_curve(out_dir / "training_curve.png", report)
+    (out_dir / "MODEL_CARD.md").write_text(_model_card(recipe, report, training), encoding="utf-8")
+    (out_dir / "RECIPE.md").write_text(_recipe_text(recipe, seed, data_root, report),
+                                       encoding="utf-8")
+    return report
+
+
+def _monai_version() -> str:
+    import monai
+
+    return monai.__version__
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _plot_curve(path: Path, report: TrainingReport) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    per_epoch = len(report.losses) / max(1, report.epochs)
+    loss_ax.plot(np.arange(1, len(report.losses) + 1) / per_epoch, report.losses, color="0.75",
+                 lw=0.6, label="loss per iteration")
+    loss_ax.plot(range(1, report.epochs + 1), report.epoch_losses, "o-", color="C0",
+                 label="mean loss per epoch")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("Dice + cross-entropy loss")
+    dice_ax = loss_ax.twinx()
+    dice_ax.plot(range(1, report.epochs + 1), report.validation_dice, "s-", color="C3",
+                 label="validation Dice (held-out phantoms)")
+    dice_ax.set_ylabel("Dice")
+    dice_ax.set_ylim(0, 1)
+    handles = loss_ax.get_legend_handles_labels()[0] + dice_ax.get_legend_handles_labels()[0]
+    loss_ax.legend(handles=handles, loc="center right", fontsize=8)
+    loss_ax.set_title(f"{MODEL_NAME}: best validation Dice {report.best_validation_dice:.3f} "
+                      f"(epoch {report.best_epoch})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _command(seed: int, data_root: Path | None, recipe: Recipe, out_dir: Path) -> str:
+    parts = ["dicomnode train segmentation", f"--out {out_dir}"]
+    if data_root is not None:
+        parts.append(f"--data-root {data_root}")
+    if recipe.epochs != Recipe().epochs:
+        parts.append(f"--epochs {recipe.epochs}")
+    parts.append(f"--seed {seed}")
+    return " ".join(parts)
+
+
+def _recipe_text(recipe: Recipe, seed: int, data_root: Path | None, report: TrainingReport) -> str:
+    return f"""# Recipe: {MODEL_NAME} {recipe.version}
+
+Reproduce the shipped model from the project root (the third-party data in `../shared/data`,
+see its MANIFEST.md):
+
+```
+{_command(seed, data_root, recipe, report.out_dir)}
+```
+
+equivalently, in Python:
+
+```python
+from pathlib import Path
+from dicomnode.train.segmentation import train_segmentation
+train_segmentation(Path("{report.out_dir}"), data_root={f'Path("{data_root}")' if data_root else None}, seed={seed})
+```
+
+Settings (`dicomnode.train.segmentation.Recipe` defaults{'' if recipe == Recipe() else ', with changes'}):
+
+```
+{json.dumps(_jsonable(asdict(recipe)), indent=2)}
+```
+
+This run: {report.iterations} iterations, {report.seconds / 60:.1f} min on {report.device}
+({recipe.threads} thread(s)), torch {torch.__version__}. Deterministic for a seed, a device and
+a thread count; another CPU or library version may give slightly different weights.
+"""
+
+
+def _model_card(recipe: Recipe, report: TrainingReport, training: dict[str, Any]) -> str:
+    data = "\n".join(f"- {d}" for d in report.data_used)
+    checks = "\n".join(
+        f"| {c['case']} | {c['inserted_lesions']} | {c['dice_inserted']:.3f} | "
+        f"{c['false_positive_lesions']} | {c['lesions_found_without_insertion']} "
+        f"({c['of_which_on_real_tumour']} on the real tumour) |"
+        for c in report.real_ct_checks
+    ) or "| (not run: no data root) | | | | |"
+    return f"""# Model card: {MODEL_NAME} {recipe.version}
+
+**A demonstration model trained on synthetic lesions. Not for clinical use.** It shows that
+the node's segmentation stage works end to end; it has never seen a real, annotated metastasis.
+
+## What it does
+Binary segmentation of focal lesions (metastasis-like masses, 1.5-4 cm) in CT: input one CT
+volume in HU, output a lesion probability per voxel; the node thresholds it at 0.5, splits it
+into 3D connected components and drops components below `min_lesion_ml` (0.5 ml by default).
+
+## Architecture and preprocessing
+MONAI `UNet` (3D), channels {list(recipe.channels)}, strides {list(recipe.strides)},
+{recipe.num_res_units} residual unit(s) per block, instance normalisation, one output channel
+(sigmoid); {report.weights_bytes / 1e6:.1f} MB of float32 weights. Input: HU clipped to
+{list(recipe.hu_window)} and scaled to [-1, 1], resampled to {list(recipe.spacing_mm)} mm
+(z, y, x); sliding-window inference with {list(recipe.patch_size)}-voxel windows
+(Gaussian-weighted), probabilities resampled back to the native grid. All of this is read from
+`manifest.json`.
+
+## Training data (exactly)
+{data}
+
+Lesions in phantoms: hypodense liver metastases (60 %: necrotic core ~30 HU, tumour ~60 HU,
+rim ~90 HU against a 100-120 HU portal-venous liver), hyperdense liver metastases (20 %,
+140-180 HU), soft-tissue deposits in visceral fat (20 %, 30-95 HU); irregular shapes (low-order
+spherical-harmonic modulation of an ellipsoid), low-frequency texture, correlated noise
+10-20 HU. Inserted lesions in real CT: the same shapes, hypodense or hyperdense relative to the
+surrounding soft tissue, painted under the scanner's own noise. The real tumours already in
+lung1, lung2 and ibsi_sts_001 were excluded from the loss (neither lesion nor background) and
+from lesion placement. See `dicomnode/phantom.py` for every value.
+
+Patches {list(recipe.patch_size)}, {recipe.lesion_patch_fraction:.0%} centred near a lesion,
+random flips on all axes, intensity jitter (+-25 HU offset, +-10 % contrast, up to 10 HU extra
+noise). Loss: Dice + binary cross-entropy (MONAI `DiceCELoss`, batch Dice). AdamW, learning
+rate {recipe.learning_rate:g}, warm-up then cosine decay; {report.epochs} epochs of
+{recipe.iterations_per_epoch} iterations of {recipe.batch_size} patches; the epoch with the best
+validation Dice was kept (epoch {report.best_epoch}).
+
+Trained {training['date']} on {report.device} ({training['host']}) in
+{report.seconds / 60:.1f} min with torch {training['torch']}, MONAI {training['monai']}, seed
+{training['seed']}.
+
+## Seeds
+- Training phantoms: `make_phantom_study` seeds {report.train_seeds[0]}-{report.train_seeds[-1]}.
+- Validation phantoms: seeds {report.validation_seeds[0]}-{report.validation_seeds[-1]}
+  (geometry {recipe.validation_geometry[0]} voxels at {recipe.validation_geometry[1]} mm).
+- **Reserved: seeds >= {RESERVED_SEED_START}** are for tests and the demo and are never used
+  in training or validation.
+
+## Evaluation
+- Validation Dice (mean over held-out phantoms, the node's own inference and post-processing,
+  native grid): **{report.best_validation_dice:.3f}**.
+- Real CT with lesions inserted by a generator seed not used in training. These volumes' own
+  anatomy WAS seen in training (with other lesions), so this checks that the model copes with
+  real anatomy and noise, not that it generalises to new patients:
+
+| case | inserted | Dice on inserted lesions | false-positive lesions | lesions found in the unmodified CT |
+|---|---|---|---|---|
+{checks}
+
+Published reference points for real tumours (not comparable: different data and task): liver
+tumour Dice 0.67-0.74 (LiTS), colorectal liver metastases about 0.80 internal / 0.60 external.
+
+## Intended use
+Research and demonstration of the dicomnode pipeline (receive, segment, measure, report) on
+synthetic or de-identified data.
+
+## Limitations
+- Trained only on synthetic lesions: real metastases differ in shape, margin, enhancement and
+  context; sensitivity and specificity on real patients are unknown.
+- Few real backgrounds (at most {len(REAL_CT)} CT volumes); other body regions, contrast phases,
+  kernels, children, implants and artefacts were never seen.
+- Lesions smaller than 1.5 cm or larger than 4 cm were not trained on.
+- The node drops components below `min_lesion_ml`; lesions touching each other merge into one.
+- Not a medical device. Do not use it for diagnosis, treatment or any clinical decision.
+"""
