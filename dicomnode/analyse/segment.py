@@ -69,7 +69,7 @@ class Preprocessing:
     ) -> tuple[int, int, int]:
         """Shape of the training-spacing grid that covers the same extent as ``shape``."""
         return tuple(  # type: ignore[return-value]
-            max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, self.spacing_mm)
+            max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, self.spacing_mm)
         )
 
     def to_training_grid(
@@ -281,7 +281,7 @@ class Segmenter:
         image = prep.to_training_grid(prep.normalise(volume.hu), spacing)
         tensor = torch.from_numpy(image)[None, None].to(self.device)
         with torch.inference_mode():
-            logits = sliding_window_inference(
+            logits: torch.Tensor = sliding_window_inference(  # type: ignore[assignment]
                 tensor,
                 roi_size=self.manifest.roi_size,
                 sw_batch_size=self.sw_batch_size,

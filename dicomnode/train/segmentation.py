@@ -46,8 +46,8 @@ from dicomnode import __version__
 from dicomnode.analyse.segment import (
     PAD_VALUE,
     Preprocessing,
-    Segmenter,
     SegmentationManifest,
+    Segmenter,
     pick_device,
     resize,
     sha256_of,
@@ -378,7 +378,7 @@ def _real_ct_checks(segmenter: Segmenter, data_root: Path | None, seed: int, log
             "found_lesions": int(found.max()),
             "false_positive_lesions": int(len(np.unique(outside)) - 1),
             "lesions_found_without_insertion": int(plain.max()),
-            "of_which_on_real_tumour": int(len(np.unique(plain[tumour & (plain > 0)]))),
+            "of_which_on_real_tumour": len(np.unique(plain[tumour & (plain > 0)])),
         }
         checks.append(check)
         log(f"  real CT check {name}: {check}")
@@ -471,10 +471,12 @@ def train_segmentation(
         val_seeds = tuple(range(VALIDATION_SEED_START, VALIDATION_SEED_START + recipe.n_validation))
         items = _phantom_items(train_seeds, recipe, prep, log)
         items += _water_items(recipe.n_water, rng, prep)
-        data_used = [f"{len(train_seeds)} synthetic phantoms (make_phantom_study seeds "
-                     f"{train_seeds[0]}-{train_seeds[-1]}, 1-4 lesions each, geometries "
-                     f"{[g for g in recipe.phantom_geometries]})",
-                     f"{recipe.n_water} lesion-free water volumes (uniform or cylinder, noise 0-20 HU)"]
+        data_used = [
+            (f"{len(train_seeds)} synthetic phantoms (make_phantom_study seeds "
+             f"{train_seeds[0]}-{train_seeds[-1]}, 1-4 lesions each, (shape, spacing) cycling "
+             f"through {list(recipe.phantom_geometries)})"),
+            f"{recipe.n_water} lesion-free water volumes (uniform or cylinder, noise 0-20 HU)",
+        ]
         if data_root is not None:
             real, used = _real_items(Path(data_root), recipe, rng, prep, log)
             items += real
@@ -574,7 +576,7 @@ def _write_model(out_dir: Path, network: torch.nn.Module, recipe: Recipe, report
     torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, weights)
     report = replace(report, weights_bytes=weights.stat().st_size)
     training = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": report.device,
         "host": f"{platform.machine()}, {recipe.threads} CPU thread(s)",
         "seconds": round(report.seconds, 1),
@@ -721,7 +723,7 @@ MONAI `UNet` (3D), channels {list(recipe.channels)}, strides {list(recipe.stride
 
 Lesions in phantoms: hypodense liver metastases (60 %: necrotic core ~30 HU, tumour ~60 HU,
 rim ~90 HU against a 100-120 HU portal-venous liver), hyperdense liver metastases (20 %,
-140-180 HU), soft-tissue deposits in visceral fat (20 %, 30-95 HU); irregular shapes (low-order
+140-180 HU), solid soft-tissue deposits in visceral fat (20 %, 35-90 HU); irregular shapes (low-order
 spherical-harmonic modulation of an ellipsoid), low-frequency texture, correlated noise
 10-20 HU. Inserted lesions in real CT: the same shapes, hypodense or hyperdense relative to the
 surrounding soft tissue, painted under the scanner's own noise. The real tumours already in
