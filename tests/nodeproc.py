@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from orthanc import terminate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,14 +60,7 @@ class NodeProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        terminate(process, timeout)
 
     def jobs(self) -> list[dict]:
         """``dicomnode jobs --json`` for this node's configuration."""
