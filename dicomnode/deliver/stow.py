@@ -11,10 +11,11 @@ The response body lists stored instances (ReferencedSOPSequence) and refused one
 Orthanc answers 400 for a request with one bad part while it stores the good ones, and 409
 for a study mismatch; the body is therefore parsed whatever the status.
 
-The request is made with :mod:`requests` directly rather than dicomweb-client's
-``store_instances``: that method writes datasets without the Part 10 preamble and prefix
-unless they happen to carry one, raises on every 4xx, and retries internally; here each part
-is a proper file, every status is judged, and the job runner owns retries.
+The request is made with dicomweb-client's ``DICOMwebClient.store_instances`` over a
+:mod:`requests` session that carries the configured credentials. Its internal retries are
+switched off (the job runner owns retries, with its own backoff), and since it raises
+``HTTPError`` on every 4xx/5xx, the body is read from the error's response. The datasets are
+the job's saved Part 10 files, so each part keeps its preamble and file meta information.
 
 Classification (the job runner retries only when every failure is temporary):
 
@@ -29,12 +30,14 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
+from io import BytesIO
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import pydicom
 import requests
+from dicomweb_client import DICOMwebClient
 from pydicom import Dataset
 
 from dicomnode.config import DestinationConfig, read_secret
@@ -72,21 +75,19 @@ class StowDestination:
         if not datasets:
             return DeliveryResult(destination=self.name)
         try:
-            session = self._session()
-            body, content_type = multipart_related([part10(ds) for ds in datasets])
+            client = self._client()
         except ConfigError as exc:
             return failed_for_all(self.name, datasets, str(exc), retryable=False)
+        study = str(datasets[0].get("StudyInstanceUID", "")) or None
+        try:
+            body = client.store_instances([as_part10(ds) for ds in datasets], study_instance_uid=study)
+            status = 200
+        except requests.HTTPError as exc:
+            if exc.response is None:
+                return failed_for_all(self.name, datasets, f"cannot send: {exc}", retryable=True)
+            status, body = exc.response.status_code, _response_dataset(exc.response)
         except (ValueError, TypeError, AttributeError) as exc:  # pydicom cannot encode an instance
             return failed_for_all(self.name, datasets, f"cannot encode: {exc}", retryable=False)
-        study = str(datasets[0].get("StudyInstanceUID", ""))
-        url = f"{self.cfg.url.rstrip('/')}/studies" + (f"/{study}" if study else "")
-        try:
-            response = session.post(
-                url,
-                data=body,
-                headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
-                timeout=self.cfg.timeout_seconds,
-            )
         except requests.exceptions.SSLError as exc:
             error = f"TLS failure with {self.url_for_logs}: {_reason(exc)}"
             return failed_for_all(self.name, datasets, error, retryable=False)
@@ -98,7 +99,15 @@ class StowDestination:
             return failed_for_all(self.name, datasets, error, retryable=True)
         except requests.RequestException as exc:  # an invalid URL and the like
             return failed_for_all(self.name, datasets, f"cannot send: {exc}", retryable=False)
-        return self._judge(datasets, response.status_code, _response_dataset(response))
+        return self._judge(datasets, status, body)
+
+    def _client(self) -> DICOMwebClient:
+        """A dicomweb-client without its own retries, on a session with our credentials."""
+        client = DICOMwebClient(
+            self.cfg.url.rstrip("/"), session=self._session(), timeout=self.cfg.timeout_seconds
+        )
+        client.set_http_retry_params(retry=False)
+        return client
 
     def _session(self) -> requests.Session:
         """A session with the configured credentials, read now so that rotated secrets apply.
@@ -167,15 +176,9 @@ def _instance_outcome(
     return InstanceOutcome(uid, ok=False, reason=f"HTTP {status}: not stored"), temporary_status
 
 
-def multipart_related(parts: Sequence[bytes]) -> tuple[bytes, str]:
-    """The STOW-RS request body and its Content-Type (PS3.18 Section 8.6.1.2, RFC 2387)."""
-    boundary = uuid.uuid4().hex
-    delimiter = f"--{boundary}".encode()
-    chunks = []
-    for part in parts:
-        chunks += [delimiter, b"\r\nContent-Type: application/dicom\r\n\r\n", part, b"\r\n"]
-    chunks += [delimiter, b"--\r\n"]
-    return b"".join(chunks), f'multipart/related; type="application/dicom"; boundary={boundary}'
+def as_part10(ds: Dataset) -> Dataset:
+    """``ds`` as read from its Part 10 encoding, so dicomweb-client writes preamble and meta."""
+    return pydicom.dcmread(BytesIO(part10(ds)))
 
 
 def _response_dataset(response: requests.Response) -> Dataset:
