@@ -37,4 +37,6 @@ fi
 echo "== dicomnode"
 extra="cpu"; [ "$with_test" = 1 ] && extra="test"
 $PY -m pip install -q -e ".[$extra]"
-echo "== installed: $(command -v dicomnode)"
+# pyenv puts new console scripts on PATH only after a rehash.
+command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+echo "== installed: $(command -v dicomnode || echo "$PY -m dicomnode")"
