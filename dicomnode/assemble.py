@@ -31,12 +31,12 @@ from numpy.typing import NDArray
 from pydicom import Dataset
 from pydicom.pixels import as_pixel_options, get_decoder
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     LegacyConvertedEnhancedCTImageStorage,
-    UID,
 )
 
 from dicomnode.config import AssemblyConfig
@@ -289,6 +289,10 @@ def _sop_class(ds: Dataset) -> str:
     return value
 
 
+#: UIDs every source instance needs so that the SEG and SR can reference it (PS3.3 C.12.1).
+_REFERENCED_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
 def _check_instance(ds: Dataset, index: int) -> None:
     """Refuse anything that is not a monochrome CT image with pixel data."""
     where = _instance_label(ds, index)
@@ -299,6 +303,12 @@ def _check_instance(ds: Dataset, index: int) -> None:
     if sop_class and sop_class not in _CT_SOP_CLASSES:
         raise AssemblyError(
             f"{where}: SOP class {UID(sop_class).name} is not a CT image storage class"
+        )
+    blank = [k for k in _REFERENCED_UIDS if not str(ds.get(k, "") or "").strip()]
+    if blank:
+        raise AssemblyError(
+            f"{where} has no {', '.join(blank)} (blanked by an anonymiser?): a SEG and SR "
+            "could not reference it"
         )
     image_type = _upper(ds.get("ImageType"))
     if "LOCALIZER" in image_type:
@@ -476,8 +486,9 @@ def _header_only(ds: Dataset) -> Dataset:
         if element.tag not in _PIXEL_TAGS:
             out.add(copy.deepcopy(element))
     if hasattr(ds, "file_meta"):
-        out.file_meta = ds.file_meta.copy()
-    out.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+        out.file_meta = copy.deepcopy(ds.file_meta)
+    implicit, little_endian = ds.original_encoding
+    out.set_original_encoding(implicit, little_endian, ds.original_character_set)
     return out
 
 
@@ -488,7 +499,7 @@ def _header_only(ds: Dataset) -> Dataset:
 
 def assemble(
     datasets: Sequence[Dataset],
-    config: AssemblyConfig = AssemblyConfig(),
+    config: AssemblyConfig = AssemblyConfig(),  # noqa: B008 - frozen, safe to share
     *,
     key: SeriesKey | None = None,
     allow_gaps: bool = False,

@@ -130,6 +130,10 @@ def cmd_process(args: argparse.Namespace) -> int:
         except DicomNodeError as exc:
             print(f"  refused: {exc}", file=sys.stderr)
             continue
+        except Exception as exc:  # one series' bug must not cost the others their reports
+            log.exception("series %s failed with an internal error", series_uid)
+            print(f"  failed: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
         files = save(out / series_uid, outcome.reports, summary_json(outcome.analysis, outcome.reports))
         produced += 1
         print(summarize_sr(outcome.reports.sr))

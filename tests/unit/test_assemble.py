@@ -66,8 +66,12 @@ def test_ibsi_sts_ct_assembles_with_its_spacing_and_matches_the_ibsi_nifti() -> 
 
 
 @needs(TOTALSEG_CT)
-def test_jpeg2000_ct_with_blank_uids_assembles_sorted_by_position() -> None:
+def test_jpeg2000_ct_assembles_sorted_by_position() -> None:
     datasets = read_folder(TOTALSEG_CT)
+    # The example was anonymised with blank dataset UIDs (refused: see below); give them back.
+    for ds in datasets:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", "1.2.3.4"
     volume = assemble(datasets)
     assert volume.shape == (20, 512, 512)
     assert volume.geometry.spacing == pytest.approx((2.0, 0.9765625, 0.9765625))
@@ -324,3 +328,11 @@ def test_inputs_are_not_mutated_and_sources_are_header_only_copies(series) -> No
     assert all("PixelData" not in ds for ds in volume.sources)
     volume.sources[0].PatientName = "Changed^Here"
     assert str(series[0].PatientName) == str(before[0].PatientName)
+
+
+@needs(TOTALSEG_CT)
+def test_instances_with_blanked_uids_are_refused_by_name() -> None:
+    """The TotalSegmentator example keeps its UIDs only in the file meta (anonymised)."""
+    datasets = read_folder(TOTALSEG_CT)
+    with pytest.raises(AssemblyError, match="has no SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID"):
+        assemble(datasets)
