@@ -18,6 +18,7 @@ import pydicom
 import pytest
 import requests
 
+from anonymised import restore_uids
 from dicomnode.demo import dice, seg_mask
 from dicomnode.phantom import make_phantom_study, write_study
 from nodeproc import NodeProcess, write_config
@@ -174,18 +175,11 @@ def with_uids_restored(source: Path, target: Path) -> list[Path]:
     has empty Study/Series UIDs: no PACS stores that (and the node refuses it with 0xA900, see
     test_receive). The copies get the UIDs back; the JPEG 2000 pixel data is left untouched.
     """
-    study = pydicom.uid.generate_uid(entropy_srcs=[str(source), "study"])
-    series = pydicom.uid.generate_uid(entropy_srcs=[str(source), "series"])
     target.mkdir(parents=True)
-    out = []
-    for path in sorted(p for p in source.iterdir() if p.is_file()):
-        ds = pydicom.dcmread(path)
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    paths = sorted(p for p in source.iterdir() if p.is_file())
+    for path, ds in zip(paths, restore_uids([pydicom.dcmread(p) for p in paths], str(source))):
         ds.save_as(target / path.name)
-        out.append(target / path.name)
-    return out
+    return [target / p.name for p in paths]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from anonymised import restore_uids
 from dicomnode.assemble import assemble, stack_gaps
 from dicomnode.config import AssemblyConfig
 from dicomnode.errors import AssemblyError, InputRejected
@@ -67,11 +68,8 @@ def test_ibsi_sts_ct_assembles_with_its_spacing_and_matches_the_ibsi_nifti() -> 
 
 @needs(TOTALSEG_CT)
 def test_jpeg2000_ct_assembles_sorted_by_position() -> None:
-    datasets = read_folder(TOTALSEG_CT)
     # The example was anonymised with blank dataset UIDs (refused: see below); give them back.
-    for ds in datasets:
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", "1.2.3.4"
+    datasets = restore_uids(read_folder(TOTALSEG_CT), "totalseg")
     volume = assemble(datasets)
     assert volume.shape == (20, 512, 512)
     assert volume.geometry.spacing == pytest.approx((2.0, 0.9765625, 0.9765625))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from anonymised import restore_uids
 from dicomnode.analyse.segment import Segmenter, label_lesions, pick_device
 from dicomnode.assemble import assemble
 from dicomnode.config import Config
@@ -105,7 +106,11 @@ def test_label_lesions_drops_small_components_and_orders_by_size() -> None:
 def test_real_abdominal_ct_is_not_flooded_with_false_positives(segmenter: Segmenter) -> None:
     import pydicom
 
-    volume = assemble([pydicom.dcmread(p) for p in sorted(TOTALSEG_CT.iterdir())])
+    datasets = restore_uids([pydicom.dcmread(p) for p in sorted(TOTALSEG_CT.iterdir())], "totalseg")
+    for ds in datasets:  # anonymised with blank UIDs, which assembly refuses: give them back
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", "1.2.3.4"
+    volume = assemble(datasets)
     result = segmenter.segment(volume)
     found_ml = sum(lesion.volume_ml for lesion in result.lesions)
     body_ml = (volume.hu > -500).sum() * volume.geometry.voxel_volume_mm3 / 1000
