@@ -30,11 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xgboost
 
 from dicomnode.config import Config, PredictionConfig
 from dicomnode.errors import ModelError
 from dicomnode.types import LesionFeatures, ModelInfo, Prediction, Subtype
+
+try:
+    import xgboost
+except ImportError:  # the package leaves the choice of build to the install (extras)
+    raise ModelError(
+        "XGBoost is not installed: pip install 'dicomnode[cpu]' "
+        "(or 'dicomnode[gpu]' on a CUDA server)"
+    ) from None
 
 log = logging.getLogger(__name__)
 
