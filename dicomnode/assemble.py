@@ -216,7 +216,7 @@ def _check_cosines(orientation: NDArray[np.float64], where: str) -> NDArray[np.f
     return orientation
 
 
-def _functional_group(ds: Dataset, frame_index: int, sequence: str) -> Dataset | None:
+def functional_group(ds: Dataset, frame_index: int, sequence: str) -> Dataset | None:
     """The first item of a functional group macro for one frame: per-frame first, then shared.
 
     PS3.3 C.7.6.16: a macro is in either the Per-Frame or the Shared Functional Groups Sequence.
@@ -239,17 +239,17 @@ def _multi_frame_slices(ds: Dataset, index: int) -> list[_Slice]:
     slices = []
     for f in range(n_frames):
         where = f"frame {f + 1}"
-        position = _functional_group(ds, f, "PlanePositionSequence")
-        orientation = _functional_group(ds, f, "PlaneOrientationSequence")
-        measures = _functional_group(ds, f, "PixelMeasuresSequence")
+        position = functional_group(ds, f, "PlanePositionSequence")
+        orientation = functional_group(ds, f, "PlaneOrientationSequence")
+        measures = functional_group(ds, f, "PixelMeasuresSequence")
         if position is None or orientation is None or measures is None:
             raise AssemblyError(
                 f"{where}: the Plane Position, Plane Orientation or Pixel Measures functional "
                 "group is missing (PS3.3 C.7.6.16.2); the frame cannot be placed in space"
             )
-        transform = _functional_group(ds, f, "PixelValueTransformationSequence")
+        transform = functional_group(ds, f, "PixelValueTransformationSequence")
         rescale = transform if transform is not None else ds
-        frame_type = _functional_group(ds, f, "CTImageFrameTypeSequence")
+        frame_type = functional_group(ds, f, "CTImageFrameTypeSequence")
         if frame_type is not None and "LOCALIZER" in _upper(frame_type.get("FrameType")):
             raise AssemblyError(f"{where} is a localizer (FrameType LOCALIZER), not an axial image")
         spacing = _floats(_required(measures, "PixelSpacing", where), 2, "PixelSpacing", where)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -15,14 +16,19 @@ import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomnode import __version__
 from dicomnode.config import Config, load
 from dicomnode.errors import ConfigError, DicomNodeError
 
+if TYPE_CHECKING:  # pragma: no cover - typing only; commands import what they run lazily
+    from dicomnode.cohort import DicomwebSource
+
 log = logging.getLogger("dicomnode")
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 DESCRIPTION = """\
 dicomnode receives CT series from a PACS, finds tumours (3D U-Net), measures them
@@ -205,13 +211,74 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- cohorts
+def add_dicomweb_options(p: argparse.ArgumentParser) -> None:
+    """Options naming the PACS that a cohort's ``dicomweb:`` references are fetched from."""
+    g = p.add_argument_group(
+        "PACS (for dicomweb:<StudyInstanceUID>/<SeriesInstanceUID> in the cohort)",
+        "Secrets are never given on the command line: name the environment variable or file "
+        "that holds them.")
+    g.add_argument("--dicomweb-url", metavar="URL",
+                   help="DICOMweb root, e.g. http://pacs:8042/dicom-web (QIDO-RS + WADO-RS)")
+    g.add_argument("--dicomweb-user", default="", metavar="NAME", help="HTTP basic user name")
+    secret = g.add_mutually_exclusive_group()
+    secret.add_argument("--dicomweb-password-env", default="", metavar="VAR",
+                        help="environment variable holding the user's password")
+    secret.add_argument("--dicomweb-password-file", default="", metavar="FILE",
+                        help="file holding the user's password")
+    secret.add_argument("--dicomweb-token-env", default="", metavar="VAR",
+                        help="environment variable holding a bearer token (instead of a user)")
+    secret.add_argument("--dicomweb-token-file", default="", metavar="FILE",
+                        help="file holding a bearer token")
+    g.add_argument("--dicomweb-ca-file", default="", metavar="PEM",
+                   help="CA certificate(s) to verify an https server signed by a private CA")
+
+
+def dicomweb_source(args: argparse.Namespace) -> DicomwebSource | None:
+    """The :class:`~dicomnode.cohort.DicomwebSource` of :func:`add_dicomweb_options`, or None."""
+    from dicomnode.cohort import DicomwebSource
+
+    if not args.dicomweb_url:
+        return None
+    return DicomwebSource.from_url(
+        args.dicomweb_url, username=args.dicomweb_user,
+        password_env=args.dicomweb_password_env, password_file=args.dicomweb_password_file,
+        token_env=args.dicomweb_token_env, token_file=args.dicomweb_token_file,
+        ca_file=args.dicomweb_ca_file,
+    )
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from dicomnode.train.features import compute_features
+
+    try:
+        summary = compute_features(
+            Path(args.cohort), Path(args.out), config=_load_config(args.config),
+            workers=args.workers, progress=not args.no_progress, dicomweb=dicomweb_source(args),
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: the rows measured so far are kept in {args.out}.cache/; run the "
+              "same command again to measure the rest", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(summary, file=sys.stdout if summary.ok else sys.stderr)
+    return EXIT_OK if summary.ok else EXIT_ERROR
+
+
 # --------------------------------------------------------------------------- train
 def cmd_train_segmentation(args: argparse.Namespace) -> int:
     from dicomnode.train.segmentation import train_segmentation
 
+    from dataclasses import replace
+
+    from dicomnode.train.segmentation import Recipe
+
+    recipe = Recipe() if args.phantoms is None else replace(Recipe(), n_phantoms=args.phantoms)
     report = train_segmentation(
         Path(args.out),
         data_root=Path(args.data_root) if args.data_root else None,
+        cohort=Path(args.cohort) if args.cohort else None,
+        dicomweb=dicomweb_source(args),
+        recipe=recipe,
         epochs=args.epochs,
         seed=args.seed,
         device=args.device,
@@ -220,10 +287,45 @@ def cmd_train_segmentation(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_train_predictors(args: argparse.Namespace) -> int:
-    from dicomnode.train.predictors import train_demo_models
+def cmd_train_shipped(args: argparse.Namespace) -> int:
+    from dicomnode.train.shipped import train_shipped
 
-    print(train_demo_models(Path(args.out), n_cases=args.cases, seed=args.seed, workers=args.workers))
+    summaries = train_shipped(
+        Path(args.out), work_dir=Path(args.work), parts=args.only, seed=args.seed,
+        data_root=Path(args.data_root) if args.data_root else None, workers=args.workers,
+    )
+    print("\n\n".join(summaries))
+    return EXIT_OK
+
+
+def cmd_train_tmb(args: argparse.Namespace) -> int:
+    from dicomnode.train.tmb import TmbProtocol, load_training_set, train_tmb
+
+    protocol = TmbProtocol(
+        high_cutoff=args.cutoff, rfe_sizes=tuple(args.rfe_sizes), rf_trees=args.rf_trees
+    )
+    data = load_training_set(
+        Path(args.features), Path(args.cohort), tmb_column=args.tmb_column,
+        label_column=args.label_column, high_cutoff=args.cutoff,
+    )
+    for reason in data.dropped:
+        print(f"left out: {reason}")
+    summary = train_tmb(
+        data, Path(args.out), protocol=protocol, seed=args.seed, workers=args.workers,
+        name=args.name, cohort_note=args.note,
+        sources={"features": args.features, "cohort": args.cohort, "command": args.command_line},
+    )
+    print(summary)
+    return EXIT_OK
+
+
+def cmd_train_subtypes(args: argparse.Namespace) -> int:
+    from dicomnode.train.subtypes import train_subtypes
+
+    print(train_subtypes(
+        Path(args.features), Path(args.out), k=args.k, seed=args.seed, resamples=args.resamples,
+        command=args.command_line,
+    ))
     return EXIT_OK
 
 
@@ -286,26 +388,112 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(p)
     p.set_defaults(func=cmd_check_config)
 
+    p = sub.add_parser(
+        "features", help="measure every lesion of a cohort CSV (1037 radiomics features and more)",
+        description="Load each row of a cohort CSV (image + lesion mask; see docs/cohorts.md), "
+                    "measure the lesion exactly as the node does and write one row of features "
+                    "per cohort row to OUT, warnings and failed rows to OUT.warnings.csv. Rows "
+                    "are cached in OUT.cache/: run again after an interruption, it measures only "
+                    "what is missing. Exit 0 when every row was measured, 1 when some failed.",
+        epilog="example: dicomnode features --cohort cohort.csv --out features.csv "
+               "--dicomweb-url http://pacs:8042/dicom-web",
+    )
+    p.add_argument("--cohort", required=True, metavar="CSV",
+                   help="cohort: case_id, image, mask[, roi, mask_label, organ_mask, targets...]")
+    p.add_argument("--out", "-o", required=True, metavar="CSV", help="features file to write")
+    p.add_argument("--workers", type=int, default=2,
+                   help="rows measured in parallel, one core each (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config_option(p)
+    add_dicomweb_options(p)
+    p.set_defaults(func=cmd_features)
+
     p = sub.add_parser("train", help="train the models the node runs")
     tsub = p.add_subparsers(dest="model", required=True, metavar="MODEL")
-    t = tsub.add_parser("segmentation", help="train the 3D U-Net on synthetic lesions (phantoms and real CT)")
+    t = tsub.add_parser(
+        "segmentation", help="train the lesion 3D U-Net (your cohort, phantoms, real CT)",
+        description="Trains on patches with flips and intensity jitter, validates Dice after "
+        "every epoch (held-out phantoms and every 5th cohort case), keeps the best weights, "
+        "and writes a model folder the node loads (weights.pt, manifest.json, "
+        "training_curve.png, MODEL_CARD.md, RECIPE.md). Uses CUDA when present.",
+        epilog="example: dicomnode train segmentation --cohort cohort.csv --phantoms 0 "
+        "--out models/segmentation-ours   (then point [segmentation] model_dir at it)",
+    )
     t.add_argument("--out", default="models/segmentation")
-    t.add_argument("--data-root", help="../shared/data-like folder of real CT to insert lesions into")
+    t.add_argument("--cohort", help="cohort CSV of CT and lesion masks (docs/cohorts.md)")
+    t.add_argument("--phantoms", type=int, default=None,
+                   help="synthetic phantoms to train on as well (default: the recipe's 40)")
+    t.add_argument("--data-root",
+                   help="../shared/data-like folder of real CT to insert synthetic lesions into")
     t.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_dicomweb_options(t)
     t.set_defaults(func=cmd_train_segmentation)
-    t = tsub.add_parser("predictors", help="fit the demonstration TMB and subtype models on a synthetic cohort")
-    t.add_argument("--out", default="models", help="models root: writes tmb/ and subtypes/ in it")
-    t.add_argument("--cases", type=int, default=None, help="cohort size (default: the recipe's)")
+    t = tsub.add_parser(
+        "shipped", help="regenerate every model shipped in models/ (synthetic cohort included)",
+        description="Writes the synthetic cohort, measures it (`dicomnode features`), trains "
+        "the TMB and subtype DEMONSTRATION models on it (`train tmb`, `train subtypes`), checks "
+        "them on a held-out synthetic cohort, and trains the segmentation U-Net "
+        "(`train segmentation`). About 25 min on 2 CPU cores, most of it the U-Net.",
+    )
+    t.add_argument("--out", default="models", help="models root (default: models)")
+    t.add_argument("--work", default="var/training", help="cohorts, features and caches")
+    t.add_argument("--data-root", default="../shared/data",
+                   help="real CT for the segmentation model (default: ../shared/data)")
+    t.add_argument("--only", nargs="+", default=["tmb", "subtypes", "segmentation"],
+                   choices=["tmb", "subtypes", "segmentation"], help="rebuild only these")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=2)
-    t.set_defaults(func=cmd_train_predictors)
+    t.set_defaults(func=cmd_train_shipped)
+    t = tsub.add_parser(
+        "tmb", help="TMB high/low classifier: seed 001's protocol in nested cross-validation",
+        description="Pearson |r| > 0.9 filter, Mann-Whitney U filter, random-forest recursive "
+        "feature elimination and XGBoost, inside nested 5 x 5 cross-validation; ROC, Youden "
+        "threshold, AUC with bootstrap 95% CI, final refit, model card. Writes model.json, "
+        "manifest.json, cv_predictions.csv, roc.png, MODEL_CARD.md and RECIPE.md.",
+        epilog="example: dicomnode features --cohort cohort.csv --out features.csv && "
+        "dicomnode train tmb --features features.csv --cohort cohort.csv --out models/tmb-ours",
+    )
+    t.add_argument("--features", required=True, help="CSV written by `dicomnode features`")
+    t.add_argument("--cohort", required=True, help="cohort CSV with case_id and the target column")
+    t.add_argument("--out", required=True, help="model folder to (re)write")
+    t.add_argument("--tmb-column", default="tmb", help="TMB in mutations/Mb (default: tmb)")
+    t.add_argument("--label-column", help="use this 1/0 (high/low) column instead of a TMB cut-off")
+    t.add_argument("--cutoff", type=float, default=10.0,
+                   help="TMB-high means >= this many mutations/Mb (default 10, the paper's)")
+    t.add_argument("--rfe-sizes", type=int, nargs="+", default=[5, 10, 20],
+                   help="numbers of features the elimination may keep; inner folds choose")
+    t.add_argument("--rf-trees", type=int, default=200, help="trees of the elimination's forest")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int, default=2, help="outer folds fitted in parallel")
+    t.add_argument("--name", default="dicomnode TMB model", help="model name (in the SR)")
+    t.add_argument("--note", default="", help="a paragraph about the cohort for the model card")
+    t.set_defaults(func=cmd_train_tmb)
+    t = tsub.add_parser(
+        "subtypes", help="imaging subtypes: consensus clustering of Wu's features, nearest centroid",
+        description="Consensus clustering (k-means on resampled lesions, Monti et al.) of the wu_ "
+        "features of a features CSV; reports the consensus CDF and PAC for k = 2..6 and fits k "
+        "subtypes (default 4, the paper's) with nearest-centroid assignment. Writes model.json, "
+        "consensus.json, consensus.png, profiles.png, assignments.csv, MODEL_CARD.md and RECIPE.md.",
+        epilog="example: dicomnode features --cohort cohort.csv --out features.csv && "
+        "dicomnode train subtypes --features features.csv --out models/subtypes-ours",
+    )
+    t.add_argument("--features", required=True, help="CSV written by `dicomnode features`")
+    t.add_argument("--out", required=True, help="model folder to (re)write")
+    t.add_argument("--k", type=int, default=4,
+                   help="number of subtypes (default 4, the paper's; the SR template must "
+                        "declare that many codes)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resamples", type=int, default=100, help="consensus resamples per k")
+    t.set_defaults(func=cmd_train_subtypes)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = "dicomnode " + shlex.join(argv)  # provenance for model recipes
     _setup_logging(args.log_level)
     try:
         return args.func(args)

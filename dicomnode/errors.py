@@ -42,6 +42,18 @@ class ReportError(DicomNodeError):
     """A SEG or SR could not be built."""
 
 
+class CohortError(DicomNodeError):
+    """A cohort CSV, or one of its cases, cannot be used.
+
+    The message names the file, line and column of a bad CSV cell, or the case whose image
+    or mask cannot be loaded and why.
+    """
+
+
+class TrainingError(DicomNodeError):
+    """A training input is unusable; the message says which file, row or column."""
+
+
 class DeliveryError(DicomNodeError):
     """Delivery to a destination failed."""
 

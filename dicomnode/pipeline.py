@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 
 from dicomnode.analyse.predict import Predictor
-from dicomnode.analyse.radiomics import RadiomicsExtractor
+from dicomnode.analyse.measure import Measurer
 from dicomnode.analyse.segment import Segmenter
 from dicomnode.assemble import assemble
 from dicomnode.config import Config
@@ -49,13 +49,13 @@ class Pipeline:
         config: Config,
         *,
         segmenter: Segmenter,
-        extractor: RadiomicsExtractor,
+        measurer: Measurer,
         predictor: Predictor,
         template: SrTemplate,
     ) -> None:
         self.config = config
         self.segmenter = segmenter
-        self.extractor = extractor
+        self.measurer = measurer
         self.predictor = predictor
         self.template = template
 
@@ -65,7 +65,7 @@ class Pipeline:
         return cls(
             config,
             segmenter=Segmenter.from_config(config.segmentation, config),
-            extractor=RadiomicsExtractor.from_config(config.radiomics, config),
+            measurer=Measurer.from_config(config),
             predictor=Predictor.from_config(config.prediction, config),
             template=load_template(config.resolve(config.report.template_file)),
         )
@@ -82,9 +82,9 @@ class Pipeline:
         segmentation = self.segmenter.segment(volume)
         seconds["segment"] = time.perf_counter() - started
         n = len(segmentation.lesions)
-        progress(f"measuring {n} lesion(s): radiomics" if n else "no lesion found")
+        progress(f"measuring {n} lesion(s)" if n else "no lesion found")
         started = time.perf_counter()
-        features = self.extractor.extract(volume, segmentation) if n else ()
+        features = self.measurer.measure(volume, segmentation) if n else ()
         seconds["radiomics"] = time.perf_counter() - started
         started = time.perf_counter()
         predictions = self.predictor.predict(features) if n else ()

@@ -62,6 +62,27 @@ FAILURE_REASONS = {
 }
 
 
+def authenticated_session(cfg: DestinationConfig) -> requests.Session:
+    """A session with ``cfg``'s credentials and CA, read now so that rotated secrets apply.
+
+    Raises
+    ------
+    ConfigError
+        A named secret (environment variable or file) is missing.
+    """
+    session = requests.Session()
+    if cfg.ca_file:
+        session.verify = cfg.ca_file
+    if cfg.username:
+        password = read_secret(cfg.password_env, cfg.password_file)
+        session.auth = (cfg.username, password or "")
+    else:
+        token = read_secret(cfg.token_env, cfg.token_file)
+        if token is not None:
+            session.headers["Authorization"] = f"Bearer {token}"
+    return session
+
+
 class StowDestination:
     """Send instances to a DICOMweb server with STOW-RS."""
 
@@ -104,30 +125,10 @@ class StowDestination:
     def _client(self) -> DICOMwebClient:
         """A dicomweb-client without its own retries, on a session with our credentials."""
         client = DICOMwebClient(
-            self.cfg.url.rstrip("/"), session=self._session(), timeout=self.cfg.timeout_seconds
+            self.cfg.url.rstrip("/"), session=authenticated_session(self.cfg), timeout=self.cfg.timeout_seconds
         )
         client.set_http_retry_params(retry=False)
         return client
-
-    def _session(self) -> requests.Session:
-        """A session with the configured credentials, read now so that rotated secrets apply.
-
-        Raises
-        ------
-        ConfigError
-            A named secret (environment variable or file) is missing.
-        """
-        session = requests.Session()
-        if self.cfg.ca_file:
-            session.verify = self.cfg.ca_file
-        if self.cfg.username:
-            password = read_secret(self.cfg.password_env, self.cfg.password_file)
-            session.auth = (self.cfg.username, password or "")
-        else:
-            token = read_secret(self.cfg.token_env, self.cfg.token_file)
-            if token is not None:
-                session.headers["Authorization"] = f"Bearer {token}"
-        return session
 
     def _judge(self, datasets: Sequence[Dataset], status: int, body: Dataset) -> DeliveryResult:
         """Per-instance outcomes from the HTTP status and the response body."""

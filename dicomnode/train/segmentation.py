@@ -5,19 +5,23 @@
 
 1. makes synthetic abdominal CT phantoms (:func:`dicomnode.phantom.make_phantom_study`) with
    seeds ``0 .. n_phantoms - 1`` in three geometries, plus lesion-free water volumes;
-2. when ``data_root`` is given, inserts synthetic lesions (:func:`dicomnode.phantom.insert_lesions`)
+2. when ``cohort`` is given, loads a hospital's CT with their lesion masks (a cohort CSV, see
+   ``docs/cohorts.md``: DICOM, NIfTI/NRRD or DICOMweb images; SEG, RTSTRUCT or NIfTI/NRRD
+   masks), every :attr:`Recipe.cohort_validation_every`-th case held out for validation;
+3. when ``data_root`` is given, inserts synthetic lesions (:func:`dicomnode.phantom.insert_lesions`)
    into the real CT volumes listed in :data:`REAL_CT` (missing files are skipped with a log
    line); the real tumours those volumes already contain are excluded from the loss (neither
    lesion nor background) and from lesion placement;
-3. brings every volume onto the training grid with the very preprocessing the node uses
+4. brings every volume onto the training grid with the very preprocessing the node uses
    (:class:`dicomnode.analyse.segment.Preprocessing`);
-4. trains a MONAI ``UNet`` on patches (two thirds centred near a lesion), with random flips
+5. trains a MONAI ``UNet`` on patches (two thirds centred near a lesion), with random flips
    and intensity jitter, Dice + cross-entropy loss (``monai.losses.DiceCELoss``), AdamW and a
    cosine learning-rate schedule;
-5. after each epoch, segments held-out phantoms (seeds from :data:`VALIDATION_SEED_START`,
-   never trained on) with :class:`~dicomnode.analyse.segment.Segmenter` exactly as the node
-   would, and keeps the weights with the best mean Dice;
-6. writes ``weights.pt``, ``manifest.json``, ``training_curve.png``, ``MODEL_CARD.md`` and
+6. after each epoch, segments held-out phantoms (seeds from :data:`VALIDATION_SEED_START`,
+   never trained on) and the held-out cohort cases with
+   :class:`~dicomnode.analyse.segment.Segmenter` exactly as the node would, and keeps the
+   weights with the best mean Dice;
+7. writes ``weights.pt``, ``manifest.json``, ``training_curve.png``, ``MODEL_CARD.md`` and
    ``RECIPE.md`` into ``out_dir``.
 
 Seeds 10000 and above are reserved for tests and the demo and are never used here.
@@ -112,6 +116,10 @@ class Recipe:
     #: lesion-free water volumes; the rest come from phantoms.
     real_fraction: float = 0.3
     water_fraction: float = 0.05
+    #: Share of patches drawn from a hospital's cohort (when one is given).
+    cohort_fraction: float = 0.5
+    #: Every n-th case of the cohort (in CSV order) validates instead of training.
+    cohort_validation_every: int = 5
     n_phantoms: int = 40
     phantom_geometries: tuple[tuple[tuple[int, int, int], tuple[float, float, float]], ...] = (
         PHANTOM_GEOMETRIES
@@ -220,6 +228,38 @@ def _water_items(n: int, rng: np.random.Generator, prep: Preprocessing) -> list[
     return items
 
 
+def _cohort_items(cohort: Path, recipe: Recipe, prep: Preprocessing, dicomweb: Any, log: Log
+                  ) -> tuple[list[_Item], list[tuple[Volume, NDArray[np.bool_]]], list[str]]:
+    """Training items and validation cases from a cohort CSV (rows of one image are merged).
+
+    A case with several lesion rows is one image whose lesions are all foreground: training
+    on one of them while the others count as background would teach the network to miss them.
+    """
+    from dicomnode.cohort import load_case, read_cohort
+
+    rows = read_cohort(cohort)
+    cases: dict[str, tuple[NDArray[np.float32], NDArray[np.bool_], tuple[float, float, float]]] = {}
+    for row in rows:
+        case = load_case(row, base_dir=cohort.parent, dicomweb=dicomweb)
+        if row.case_id in cases:
+            hu, mask, spacing = cases[row.case_id]
+            cases[row.case_id] = (hu, mask | case.mask, spacing)
+        else:
+            cases[row.case_id] = (case.hu, case.mask, case.spacing_zyx)
+    every = recipe.cohort_validation_every
+    held_out = {name for i, name in enumerate(cases) if len(cases) > 1 and i % every == every - 1}
+    if len(cases) > 1 and not held_out:
+        held_out = {list(cases)[-1]}
+    items = [_item(f"cohort {name}", "cohort", hu, mask, spacing, prep)
+             for name, (hu, mask, spacing) in cases.items() if name not in held_out]
+    validation = [(_volume(hu, spacing, f"cohort {name}"), mask)
+                  for name, (hu, mask, spacing) in cases.items() if name in held_out]
+    log(f"  cohort {cohort}: {len(items)} training and {len(validation)} validation case(s)")
+    used = [f"cohort {cohort} ({len(rows)} lesion rows): {len(items)} training cases, "
+            f"{len(validation)} validation cases ({sorted(held_out)})"]
+    return items, validation, used
+
+
 def _read_real_ct(path: Path) -> tuple[NDArray[np.float32], tuple[float, float, float]]:
     """A real CT as ``(z, y, x)`` HU and spacing: a DICOM folder (via assemble) or an ITK image."""
     if path.is_dir():
@@ -314,10 +354,11 @@ def _batch(items: Sequence[_Item], recipe: Recipe, rng: np.random.Generator):
     groups: dict[str, list[_Item]] = {}
     for item in items:
         groups.setdefault(item.group, []).append(item)
-    share = {"real": recipe.real_fraction, "water": recipe.water_fraction}
+    share = {"real": recipe.real_fraction, "water": recipe.water_fraction,
+             "cohort": recipe.cohort_fraction}
     names = sorted(groups)
-    weights = np.array([share.get(g, 1.0 - recipe.real_fraction - recipe.water_fraction)
-                        for g in names])
+    phantom_share = max(0.0, 1.0 - sum(share[g] for g in names if g in share))
+    weights = np.array([share.get(g, phantom_share) for g in names])
     patches = []
     for _ in range(recipe.batch_size):
         members = groups[names[rng.choice(len(names), p=weights / weights.sum())]]
@@ -416,6 +457,8 @@ def train_segmentation(
     out_dir: Path,
     *,
     data_root: Path | None = None,
+    cohort: Path | None = None,
+    dicomweb: Any = None,
     epochs: int | None = None,
     seed: int = 0,
     device: str = "auto",
@@ -431,7 +474,10 @@ def train_segmentation(
         ``RECIPE.md`` go (created if needed; existing files are replaced).
     data_root:
         A folder laid out like ``../shared/data``; lesions are also inserted into the real CT
-        found there (:data:`REAL_CT`). ``None``: phantoms only.
+        found there (:data:`REAL_CT`). ``None``: no real CT with inserted lesions.
+    cohort:
+        A cohort CSV of CT with lesion masks (``docs/cohorts.md``); ``dicomweb`` is the
+        :class:`~dicomnode.cohort.DicomwebSource` for its ``dicomweb:`` references.
     epochs:
         Overrides ``recipe.epochs``.
     seed:
@@ -472,11 +518,19 @@ def train_segmentation(
         items = _phantom_items(train_seeds, recipe, prep, log)
         items += _water_items(recipe.n_water, rng, prep)
         data_used = [
-            (f"{len(train_seeds)} synthetic phantoms (make_phantom_study seeds "
-             f"{train_seeds[0]}-{train_seeds[-1]}, 1-4 lesions each, (shape, spacing) cycling "
-             f"through {list(recipe.phantom_geometries)})"),
             f"{recipe.n_water} lesion-free water volumes (uniform or cylinder, noise 0-20 HU)",
         ]
+        if train_seeds:
+            data_used.insert(0, (
+                f"{len(train_seeds)} synthetic phantoms (make_phantom_study seeds "
+                f"{train_seeds[0]}-{train_seeds[-1]}, 1-4 lesions each, (shape, spacing) "
+                f"cycling through {list(recipe.phantom_geometries)})"))
+        cohort_validation: list[tuple[Volume, NDArray[np.bool_]]] = []
+        if cohort is not None:
+            cohort_items, cohort_validation, used = _cohort_items(Path(cohort), recipe, prep,
+                                                                  dicomweb, log)
+            items += cohort_items
+            data_used += used
         if data_root is not None:
             real, used = _real_items(Path(data_root), recipe, rng, prep, log)
             items += real
@@ -486,6 +540,7 @@ def train_segmentation(
         for s in val_seeds:
             p = make_phantom_study(s, shape=val_shape, spacing=val_spacing, n_lesions=1 + s % 4)
             validation.append((_volume(p.hu, p.spacing, f"validation {s}"), p.lesion_mask))
+        validation += cohort_validation
         log(f"  {len(items)} training volumes, {len(validation)} validation phantoms "
             f"({time.perf_counter() - started:.0f} s)")
 
@@ -538,7 +593,7 @@ def train_segmentation(
             data_used=tuple(data_used), losses=tuple(losses), epoch_losses=tuple(epoch_losses),
             validation_dice=tuple(val_dice), real_ct_checks=tuple(checks),
         )
-        return _write_model(out_dir, network, recipe, report, seed, data_root)
+        return _write_model(out_dir, network, recipe, report, seed, data_root, cohort)
     finally:
         torch.set_num_threads(threads)
 
@@ -571,7 +626,7 @@ def _lr_factor(iteration: int, total: int, recipe: Recipe) -> float:
 
 
 def _write_model(out_dir: Path, network: torch.nn.Module, recipe: Recipe, report: TrainingReport,
-                 seed: int, data_root: Path | None) -> TrainingReport:
+                 seed: int, data_root: Path | None, cohort: Path | None = None) -> TrainingReport:
     weights = out_dir / "weights.pt"
     torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, weights)
     report = replace(report, weights_bytes=weights.stat().st_size)
@@ -585,11 +640,13 @@ def _write_model(out_dir: Path, network: torch.nn.Module, recipe: Recipe, report
         "dicomnode": __version__,
         "seed": seed,
         "recipe": _jsonable(asdict(recipe)),
-        "train_phantom_seeds": [report.train_seeds[0], report.train_seeds[-1]],
+        "train_phantom_seeds": ([report.train_seeds[0], report.train_seeds[-1]]
+                                if report.train_seeds else []),
         "validation_phantom_seeds": list(report.validation_seeds),
         "reserved_seeds": f">= {RESERVED_SEED_START} (tests and demo; never trained on)",
         "data": list(report.data_used),
         "data_root": str(data_root) if data_root else None,
+        "cohort": str(cohort) if cohort else None,
         "best_epoch": report.best_epoch,
         "validation_dice": round(report.best_validation_dice, 4),
         "validation_dice_per_epoch": [round(d, 4) for d in report.validation_dice],
@@ -604,7 +661,7 @@ def _write_model(out_dir: Path, network: torch.nn.Module, recipe: Recipe, report
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     _plot_curve(out_dir / "training_curve.png", report)
     (out_dir / "MODEL_CARD.md").write_text(_model_card(recipe, report, training), encoding="utf-8")
-    (out_dir / "RECIPE.md").write_text(_recipe_text(recipe, seed, data_root, report),
+    (out_dir / "RECIPE.md").write_text(_recipe_text(recipe, seed, data_root, report, cohort),
                                        encoding="utf-8")
     return report
 
@@ -651,24 +708,30 @@ def _plot_curve(path: Path, report: TrainingReport) -> None:
     plt.close(fig)
 
 
-def _command(seed: int, data_root: Path | None, recipe: Recipe, out_dir: Path) -> str:
+def _command(seed: int, data_root: Path | None, recipe: Recipe, out_dir: Path,
+             cohort: Path | None = None) -> str:
     parts = ["dicomnode train segmentation", f"--out {out_dir}"]
     if data_root is not None:
         parts.append(f"--data-root {data_root}")
+    if cohort is not None:
+        parts.append(f"--cohort {cohort}")
+    if recipe.n_phantoms != Recipe().n_phantoms:
+        parts.append(f"--phantoms {recipe.n_phantoms}")
     if recipe.epochs != Recipe().epochs:
         parts.append(f"--epochs {recipe.epochs}")
     parts.append(f"--seed {seed}")
     return " ".join(parts)
 
 
-def _recipe_text(recipe: Recipe, seed: int, data_root: Path | None, report: TrainingReport) -> str:
+def _recipe_text(recipe: Recipe, seed: int, data_root: Path | None, report: TrainingReport,
+                 cohort: Path | None = None) -> str:
     return f"""# Recipe: {MODEL_NAME} {recipe.version}
 
 Reproduce the shipped model from the project root (the third-party data in `../shared/data`,
 see its MANIFEST.md):
 
 ```
-{_command(seed, data_root, recipe, report.out_dir)}
+{_command(seed, data_root, recipe, report.out_dir, cohort)}
 ```
 
 equivalently, in Python:
@@ -691,6 +754,10 @@ a thread count; another CPU or library version may give slightly different weigh
 """
 
 
+def _seed_range(seeds: Sequence[int]) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if seeds else "none"
+
+
 def _model_card(recipe: Recipe, report: TrainingReport, training: dict[str, Any]) -> str:
     data = "\n".join(f"- {d}" for d in report.data_used)
     checks = "\n".join(
@@ -699,10 +766,17 @@ def _model_card(recipe: Recipe, report: TrainingReport, training: dict[str, Any]
         f"({c['of_which_on_real_tumour']} on the real tumour) |"
         for c in report.real_ct_checks
     ) or "| (not run: no data root) | | | | |"
+    if training.get("cohort"):
+        headline = (f"**Trained on the cohort `{training['cohort']}` (listed below), as well as "
+                    "any synthetic data listed. Research use only; not for clinical use.** Its "
+                    "performance is the validation Dice below, on the held-out cohort cases.")
+    else:
+        headline = ("**A demonstration model trained on synthetic lesions. Not for clinical "
+                    "use.** It shows that the node's segmentation stage works end to end; it "
+                    "has never seen a real, annotated metastasis.")
     return f"""# Model card: {MODEL_NAME} {recipe.version}
 
-**A demonstration model trained on synthetic lesions. Not for clinical use.** It shows that
-the node's segmentation stage works end to end; it has never seen a real, annotated metastasis.
+{headline}
 
 ## What it does
 Binary segmentation of focal lesions (metastasis-like masses, 1.5-4 cm) in CT: input one CT
@@ -742,8 +816,8 @@ Trained {training['date']} on {report.device} ({training['host']}) in
 {training['seed']}.
 
 ## Seeds
-- Training phantoms: `make_phantom_study` seeds {report.train_seeds[0]}-{report.train_seeds[-1]}.
-- Validation phantoms: seeds {report.validation_seeds[0]}-{report.validation_seeds[-1]}
+- Training phantoms: `make_phantom_study` seeds {_seed_range(report.train_seeds)}.
+- Validation phantoms: seeds {_seed_range(report.validation_seeds)}
   (geometry {recipe.validation_geometry[0]} voxels at {recipe.validation_geometry[1]} mm).
 - **Reserved: seeds >= {RESERVED_SEED_START}** are for tests and the demo and are never used
   in training or validation.

@@ -11,7 +11,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "dicomnode"
 PURE = [
     "types.py", "errors.py", "assemble.py", "pipeline.py", "series/completion.py",
-    "analyse/segment.py", "analyse/radiomics.py", "analyse/predict.py",
+    "analyse/segment.py", "analyse/radiomics.py", "analyse/regional.py", "analyse/measure.py",
+    "analyse/predict.py",
     "report/seg.py", "report/sr.py", "report/template.py", "jobs/machine.py",
 ]
 EDGE_IMPORTS = {"socket", "sqlite3", "subprocess", "pynetdicom", "requests", "dicomweb_client",

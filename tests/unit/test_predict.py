@@ -1,4 +1,4 @@
-"""Predictor on the shipped demonstration models, and the training helpers behind them."""
+"""Predictor on the shipped demonstration models, fed by the node's own measurer."""
 
 from __future__ import annotations
 
@@ -12,17 +12,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
+from dicomnode.analyse.measure import Measurer
 from dicomnode.analyse.predict import Predictor
-from dicomnode.analyse.radiomics import RadiomicsExtractor
 from dicomnode.config import Config
 from dicomnode.errors import ModelError
-from dicomnode.train.predictors import (
-    HOLDOUT_SEED_OFFSET,
-    SyntheticCase,
-    make_synthetic_cohort,
-    select_tmb_features,
-    youden_threshold,
-)
+from dicomnode.train.shipped import HOLDOUT_SEED_OFFSET
+from dicomnode.train.synthetic import SyntheticCase, make_synthetic_cohort
 from dicomnode.types import LesionFeatures
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +41,12 @@ def new_cases() -> list[SyntheticCase]:
 
 @pytest.fixture(scope="module")
 def new_features(new_cases: list[SyntheticCase]) -> list[LesionFeatures]:
-    """The full 1037-feature protocol on synthetic cases the models never saw (about 10 s)."""
-    extractor = RadiomicsExtractor(MODELS / "radiomics" / "tmb_protocol.yaml")
+    """Everything the node measures, on synthetic cases the models never saw (about 15 s)."""
+    measurer = Measurer.from_config(Config())
     features = []
     for label, case in enumerate(new_cases, start=1):  # labelled 1..n, like a segmentation
         mask = case.mask * np.uint8(label)
-        features.append(extractor.extract_arrays(case.hu, mask, case.spacing_zyx, label=label))
+        features.append(measurer.measure_arrays(case.hu, mask, case.spacing_zyx, label=label))
     return features
 
 
@@ -59,7 +54,7 @@ def new_features(new_cases: list[SyntheticCase]) -> list[LesionFeatures]:
 def test_shipped_models_load_with_their_identity(predictor: Predictor) -> None:
     families = [m.family for m in predictor.models]
     assert families == ["XGBoost", "nearest centroid"]
-    assert all(m.version and "demo" in m.version for m in predictor.models)
+    assert all(m.version and "demonstration" in m.name for m in predictor.models)
     manifest = json.loads((MODELS / "tmb" / "manifest.json").read_text())
     assert predictor.tmb.threshold == manifest["threshold"]
     for folder in ("tmb", "subtypes"):
@@ -67,10 +62,10 @@ def test_shipped_models_load_with_their_identity(predictor: Predictor) -> None:
         assert "DEMONSTRATION" in card and "synthetic" in card
 
 
-def test_model_inputs_are_protocol_features(predictor: Predictor) -> None:
-    protocol = set(RadiomicsExtractor(MODELS / "radiomics" / "tmb_protocol.yaml").feature_names)
-    assert set(predictor.tmb.features) <= protocol
-    assert set(predictor.subtypes.features) <= protocol
+def test_model_inputs_are_what_the_node_measures(predictor: Predictor) -> None:
+    measurer = Measurer.from_config(Config())
+    assert set(predictor.tmb.features) <= set(measurer.radiomics.feature_names)
+    assert set(predictor.subtypes.features) <= set(measurer.regional.feature_names)
 
 
 def test_subtype_codes_are_declared_in_the_sr_template(predictor: Predictor) -> None:
@@ -180,7 +175,7 @@ def test_broken_model_folders_are_model_errors(tmp_path: Path) -> None:
         Predictor.load(MODELS / "tmb", subtypes)
 
 
-# ----------------------------------------------------------------------------- training helpers
+# ----------------------------------------------------------------------------- synthetic cohort
 def test_synthetic_cases_are_deterministic_and_independent_of_cohort_size() -> None:
     small, large = make_synthetic_cohort(2, seed=5), make_synthetic_cohort(3, seed=5)
     for a, b in zip(small, large):
@@ -189,18 +184,3 @@ def test_synthetic_cases_are_deterministic_and_independent_of_cohort_size() -> N
     case = large[2]
     assert case.hu.shape == case.mask.shape and case.mask.any()
     assert 1 <= case.phenotype <= 4 and case.tmb > 0
-
-
-def test_youden_threshold_separates_a_perfect_score() -> None:
-    high = np.array([0, 0, 0, 1, 1])
-    assert youden_threshold(high, np.array([0.1, 0.2, 0.3, 0.7, 0.9])) == 0.7
-
-
-def test_feature_selection_drops_redundant_and_uninformative_features() -> None:
-    rng = np.random.default_rng(0)
-    high = np.repeat([0, 1], 40)
-    signal = high + 0.3 * rng.standard_normal(80)
-    copy = 2 * signal + 0.01 * rng.standard_normal(80)
-    values = np.column_stack([signal, copy, rng.standard_normal(80)])
-    selected = select_tmb_features(values, high, ("signal", "copy", "noise"))
-    assert "signal" in selected and "copy" not in selected

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from dicomnode.analyse.segment import Segmenter, sha256_of
 from dicomnode.train.segmentation import (
@@ -91,3 +93,44 @@ def test_same_seed_gives_the_same_weights(run: TrainingReport, tmp_path: Path) -
 def test_recipe_rejects_a_patch_the_network_cannot_halve() -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
         Recipe(patch_size=(20, 64, 64))
+
+
+def write_cohort(folder: Path) -> Path:
+    """Three phantom CTs as NRRD; the first has its two lesions on two rows of the CSV."""
+    import SimpleITK as sitk
+
+    from dicomnode.phantom import make_phantom_study
+
+    def write(name: str, array: np.ndarray, spacing: tuple[float, float, float]) -> str:
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(tuple(reversed(spacing)))
+        sitk.WriteImage(image, str(folder / name))
+        return name
+
+    rows = ["case_id,image,mask,mask_label"]
+    for seed in (101, 102, 103):
+        p = make_phantom_study(seed, shape=GEOMETRY[0], spacing=GEOMETRY[1], n_lesions=2)
+        labels, n = ndimage.label(p.lesion_mask)
+        image = write(f"ct{seed}.nrrd", p.hu.astype(np.int16), p.spacing)
+        mask = write(f"lesions{seed}.nrrd", labels.astype(np.uint8), p.spacing)
+        wanted = range(1, n + 1) if seed == 101 else [""]
+        rows += [f"case{seed},{image},{mask},{label}" for label in wanted]
+    (folder / "cohort.csv").write_text("\n".join(rows) + "\n")
+    return folder / "cohort.csv"
+
+
+def test_a_cohort_alone_trains_a_model_and_validates_on_held_out_cases(tmp_path: Path) -> None:
+    cohort = write_cohort(tmp_path)
+    lines: list[str] = []
+    recipe = replace(TINY, n_phantoms=0, n_validation=0)
+    report = train_segmentation(tmp_path / "model", cohort=cohort, seed=1, device="cpu",
+                                recipe=recipe, log=lines.append)
+    assert any("2 training and 1 validation case(s)" in line for line in lines)
+    assert any("cohort" in d and "['case103']" in d for d in report.data_used)
+    assert not any("phantoms" in d for d in report.data_used)
+    assert np.mean(report.losses[-6:]) < np.mean(report.losses[:6])
+    assert 0.0 <= report.best_validation_dice <= 1.0
+    manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
+    assert manifest["training"]["cohort"] == str(cohort)
+    assert f"--cohort {cohort} --phantoms 0" in (tmp_path / "model" / "RECIPE.md").read_text()
+    Segmenter.load(tmp_path / "model", device="cpu")
