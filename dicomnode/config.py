@@ -52,6 +52,17 @@ class NodeConfig:
     #: for it can arrive; "accept" stores them in the spool but never routes them.
     non_ct: Literal["reject", "accept"] = "reject"
     max_pdu: int = 0  # 0 = unlimited
+    #: Refuse associations whose Called AE Title is not ``ae_title``: A-ASSOCIATE-RJ
+    #: rejected-permanent, reason 7 "called-AE-title-not-recognized" (PS3.8 9.3.4).
+    require_called_ae: bool = True
+    #: Calling AE Titles allowed to associate; empty allows any. Others get A-ASSOCIATE-RJ
+    #: rejected-permanent, reason 3 "calling-AE-title-not-recognized". An AE title is not
+    #: authentication: on an untrusted network, add TLS with client certificates.
+    allowed_calling_aes: tuple[str, ...] = ()
+    #: Below this much free space (MB) on the spool's file system, C-STORE is answered
+    #: 0xA700 Out of Resources (and logged) instead of filling the disk; storing resumes by
+    #: itself once space is freed. 0 turns the check off.
+    min_free_mb: float = 1024.0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ What it offers (PS3.4 Annex A and B, negotiated per PS3.8 9.3):
   missing presentation context itself (dcmtk ``storescu`` exits with "No presentation context
   for: (RS) ..." and, unless run with ``--no-halt``, stops there).
 
+Association policy: a Called AE Title other than ``node.ae_title`` is rejected (A-ASSOCIATE-RJ,
+rejected-permanent, reason 7) unless ``node.require_called_ae`` is false; when
+``node.allowed_calling_aes`` is not empty, other Calling AE Titles are rejected (reason 3).
+
 Each C-STORE is handled in this order, and Success is answered only at the end:
 
 1. read the few header elements needed (UIDs, Modality, InstanceNumber, ImagePositionPatient,
@@ -30,7 +34,8 @@ Status mapping (PS3.4 B.2.3; PS3.7 Annex C):
 
 =========  =====================================================================================
 0x0000     stored and indexed (also for an identical duplicate, and for a replaced copy)
-0xA700     Refused, out of resources: the file or the index could not be written (disk full,
+0xA700     Refused, out of resources: free space on the spool's disk is below
+           ``node.min_free_mb``, or the file or the index could not be written (disk full,
            I/O error, database locked); nothing is acknowledged, the sender may retry
 0xA900     Error, data set does not match SOP class: a required UID (SOP Instance, Study,
            Series) is missing or breaks the UID grammar, the data set's SOP Instance UID differs
@@ -56,6 +61,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import shutil
 import sqlite3
 import struct
 import time
@@ -299,7 +305,7 @@ def storage_sop_classes(non_ct: str) -> tuple[str, ...]:
 
 
 def build_ae(config: Config) -> AE:
-    """An AE with the node's title, maximum PDU and presentation contexts (no handlers yet).
+    """An AE with the node's title, AE title policy, maximum PDU and presentation contexts.
 
     pynetdicom binds event handlers when a server starts, so they are given to
     :func:`start_listener`, not to the AE.
@@ -307,6 +313,9 @@ def build_ae(config: Config) -> AE:
     _quiet_pynetdicom()
     ae = AE(ae_title=config.node.ae_title)
     ae.maximum_pdu_size = config.node.max_pdu
+    # pynetdicom answers both with A-ASSOCIATE-RJ (permanent), reasons 7 and 3 of PS3.8 9.3.4.
+    ae.require_called_aet = config.node.require_called_ae
+    ae.require_calling_aet = list(config.node.allowed_calling_aes)
     ae.add_supported_context(VERIFICATION)
     for sop_class in storage_sop_classes(config.node.non_ct):
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
@@ -336,7 +345,8 @@ def start_listener(
     Returns the pynetdicom server: ``server.server_address[1]`` is the bound port (useful
     with port 0), ``server.shutdown()`` stops it.
     """
-    receiver = Receiver(spool=spool, index=index, accept_callback=accept_callback)
+    receiver = Receiver(spool=spool, index=index, accept_callback=accept_callback,
+                        min_free_bytes=int(config.node.min_free_mb * 1024 * 1024))
     server = build_ae(config).start_server(
         (config.node.host, config.node.port), block=False, evt_handlers=receiver.handlers()
     )
@@ -368,6 +378,9 @@ class Receiver:
         Optional veto on each instance (see :data:`AcceptCallback`).
     clock:
         Wall clock for ``received_at`` (seconds since the epoch).
+    min_free_bytes:
+        Free space the spool's file system must keep; below it every C-STORE is answered
+        Out of Resources (0xA700) with the reason. 0: no check.
     """
 
     def __init__(
@@ -377,11 +390,13 @@ class Receiver:
         index: Index,
         accept_callback: AcceptCallback | None = None,
         clock: Callable[[], float] = time.time,
+        min_free_bytes: int = 0,
     ) -> None:
         self.spool = spool
         self.index = index
         self.accept_callback = accept_callback
         self.clock = clock
+        self.min_free_bytes = min_free_bytes
         self._associations: dict[Association, _AssociationStats] = {}
 
     def handlers(self) -> list[EventHandlerType]:
@@ -434,6 +449,9 @@ class Receiver:
         context = event.context
         stream = cast(io.BytesIO, request.DataSet)
         affected_uid = str(request.AffectedSOPInstanceUID)
+        shortage = self._disk_shortage()
+        if shortage:
+            return self._refuse(stats, affected_uid, OUT_OF_RESOURCES, shortage)
         try:
             with stream.getbuffer() as data_set:
                 header = read_header(data_set, context.transfer_syntax)
@@ -501,6 +519,16 @@ class Receiver:
             frames=header.frames,
             replaced=outcome is Outcome.REPLACED,
         )
+
+    def _disk_shortage(self) -> str:
+        """Why the spool's disk is too full to take an instance, or ``""`` when it is not."""
+        if self.min_free_bytes <= 0:
+            return ""
+        free = shutil.disk_usage(self.spool.root).free
+        if free >= self.min_free_bytes:
+            return ""
+        # Fits the 64 characters of the status's Error Comment (LO).
+        return f"disk below node.min_free_mb: {free / 2**20:.0f} MB free"
 
     def _refuse(self, stats: _AssociationStats, sop_uid: str, status: int, reason: str) -> Dataset:
         log.warning(

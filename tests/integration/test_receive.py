@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import subprocess
 import zlib
 from collections.abc import Callable, Iterator
@@ -60,13 +61,14 @@ class Node:
 
 @pytest.fixture
 def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    """Start listeners on free loopback ports (``non_ct`` policy as argument); stop them after."""
+    """Start listeners on free loopback ports (NodeConfig options as arguments); stop them after."""
     servers = []
 
-    def start(non_ct: str = "reject") -> Node:
+    def start(non_ct: str = "reject", **node_options: object) -> Node:
         work = tmp_path / f"node{len(servers)}"
         spool, index = Spool(work / "spool"), Index(work / "index.sqlite")
-        config = Config(node=NodeConfig(ae_title=AE_TITLE, host="127.0.0.1", port=0, non_ct=non_ct))
+        config = Config(node=NodeConfig(ae_title=AE_TITLE, host="127.0.0.1", port=0,
+                                        non_ct=non_ct, **node_options))
         server = start_listener(config, spool, index)
         servers.append((server, index))
         return Node(server.server_address[1], spool, index)
@@ -276,6 +278,28 @@ def test_disk_error_answers_out_of_resources_and_indexes_nothing(
     assert node.index.pending_series() == []
 
 
+def test_below_the_free_space_watermark_stores_are_refused_until_space_is_freed(
+    start_node, ibsi_ct: list[Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The watermark sits 100 MB under today's free space; a 400 MB file pushes the disk
+    # below it, deleting the file lifts it again.
+    free_mb = shutil.disk_usage(tmp_path).free / 2**20
+    node = start_node(min_free_mb=free_mb - 100)
+    assert [s.Status for s in send_raw(node.port, ibsi_ct[0], monkeypatch=monkeypatch)] == [0]
+    ballast = node.spool.root / "ballast"
+    with ballast.open("wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, 400 * 2**20)
+    with caplog.at_level(logging.WARNING, logger="dicomnode.receive"):
+        (refused,) = send_raw(node.port, ibsi_ct[1], monkeypatch=monkeypatch)
+    assert refused.Status == 0xA700
+    assert "disk below node.min_free_mb" in refused.ErrorComment
+    assert "disk below node.min_free_mb" in caplog.text
+    ballast.unlink()
+    assert [s.Status for s in send_raw(node.port, ibsi_ct[1], monkeypatch=monkeypatch)] == [0]
+    assert len(node.index.pending_series()) == 1
+
+
 # -- header reading and File Meta encoding -------------------------------------------------------
 
 
@@ -383,3 +407,34 @@ def _encode(ds: Dataset, syntax: str) -> bytes:
         return encoded
     compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
     return compressor.compress(encoded) + compressor.flush()
+
+
+# -- AE title policy ---------------------------------------------------------------------------
+
+
+def echoscu(port: int, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ECHOSCU), *options, "127.0.0.1", str(port)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=30,
+    )
+
+
+def test_a_wrong_called_ae_title_is_rejected_with_reason_7(node: Node) -> None:
+    done = echoscu(node.port, "-aec", "NOT-THE-NODE")
+    assert done.returncode != 0
+    assert "Called AE Title Not Recognized" in done.stdout + done.stderr
+    assert echoscu(node.port, "-aec", AE_TITLE).returncode == 0
+
+
+def test_only_whitelisted_calling_ae_titles_may_associate(start_node) -> None:
+    node = start_node(allowed_calling_aes=("CT-SCANNER-1", "PACS"))
+    refused = echoscu(node.port, "-aet", "INTRUDER", "-aec", AE_TITLE)
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+    assert echoscu(node.port, "-aet", "PACS", "-aec", AE_TITLE).returncode == 0
+
+
+def test_called_ae_check_can_be_switched_off(start_node) -> None:
+    node = start_node(require_called_ae=False)
+    assert echoscu(node.port, "-aec", "ANY-SCP").returncode == 0
+

@@ -65,3 +65,11 @@ def test_secrets_come_from_environment_or_file(tmp_path, monkeypatch):
     monkeypatch.delenv("PACS_PW")
     with pytest.raises(ConfigError, match="PACS_PW"):
         read_secret("PACS_PW", "")
+
+
+def test_calling_ae_whitelist_from_toml_or_environment():
+    from_toml = from_mapping({"node": {"allowed_calling_aes": ["PACS", "CT1"]}}, environ={})
+    assert from_toml.node.allowed_calling_aes == ("PACS", "CT1")
+    from_env = from_mapping({}, environ={"DICOMNODE_NODE__ALLOWED_CALLING_AES": "PACS,CT1"})
+    assert from_env.node.allowed_calling_aes == ("PACS", "CT1")
+    assert Config().node.require_called_ae and Config().node.allowed_calling_aes == ()
