@@ -99,6 +99,21 @@ def test_series_is_taken_once_quiet_and_again_when_more_instances_arrive(parts):
     assert second[0].id != first[0].id  # a new job: its reports get new UIDs (seeded by job id)
 
 
+def test_the_same_series_sent_again_makes_no_second_job(parts):
+    index, jobs, _ = parts
+    clock = Clock()
+    runner = make_runner(parts, clock)
+    for n in range(20):
+        index.record_instance(record(n, T0))
+    clock.now = T0 + 5
+    assert len(runner.take_complete_series()) == 1
+    for n in range(20):  # the PACS routes the whole series a second time (identical copies)
+        index.record_instance(record(n, T0 + 50))
+    clock.now = T0 + 100
+    assert runner.take_complete_series() == []
+    assert len(jobs.all()) == 1
+
+
 def test_a_gap_fails_the_series_with_the_reason_under_the_fail_policy(parts):
     index, jobs, _ = parts
     clock = Clock()
