@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from orthanc import terminate
@@ -77,3 +79,23 @@ class NodeProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def query(db: Path, sql: str) -> list[tuple]:
+    """Rows of ``sql`` in one of a node's SQLite files (none while the file does not exist)."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db, timeout=10) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, node: NodeProcess,
+               poll: float = 0.1) -> float:
+    """Seconds until ``condition()`` held; an AssertionError with the node's log tail after
+    ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}:\n{node.log_tail()}")

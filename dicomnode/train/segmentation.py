@@ -57,6 +57,7 @@ from dicomnode.analyse.segment import (
     sha256_of,
 )
 from dicomnode.phantom import insert_lesions, make_phantom_study, soft_tissue_region
+from dicomnode.train import jsonable
 from dicomnode.types import Geometry, SeriesKey, Volume
 
 #: Phantom seeds at or above this are held out for validation, never trained on.
@@ -639,7 +640,7 @@ def _write_model(out_dir: Path, network: torch.nn.Module, recipe: Recipe, report
         "monai": _monai_version(),
         "dicomnode": __version__,
         "seed": seed,
-        "recipe": _jsonable(asdict(recipe)),
+        "recipe": jsonable(asdict(recipe)),
         "train_phantom_seeds": ([report.train_seeds[0], report.train_seeds[-1]]
                                 if report.train_seeds else []),
         "validation_phantom_seeds": list(report.validation_seeds),
@@ -670,14 +671,6 @@ def _monai_version() -> str:
     import monai
 
     return monai.__version__
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def _plot_curve(path: Path, report: TrainingReport) -> None:
@@ -745,7 +738,7 @@ train_segmentation(Path("{report.out_dir}"), data_root={f'Path("{data_root}")' i
 Settings (`dicomnode.train.segmentation.Recipe` defaults{'' if recipe == Recipe() else ', with changes'}):
 
 ```
-{json.dumps(_jsonable(asdict(recipe)), indent=2)}
+{json.dumps(jsonable(asdict(recipe)), indent=2)}
 ```
 
 This run: {report.iterations} iterations, {report.seconds / 60:.1f} min on {report.device}

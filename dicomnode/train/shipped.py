@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from dicomnode.analyse.predict import SubtypeModel, TmbModel, impute
@@ -28,6 +27,7 @@ from dicomnode.config import Config
 from dicomnode.errors import TrainingError
 from dicomnode.train.features import compute_features
 from dicomnode.train.synthetic import GENERATOR_VERSION, write_synthetic_cohort
+from dicomnode.train.table import read_feature_table
 from dicomnode.train.tmb import classification_metrics, load_training_set, train_tmb
 
 PARTS = ("tmb", "subtypes", "segmentation")
@@ -153,12 +153,10 @@ held-out {agreement['holdout']:.3f} ({HOLDOUT_CASES} cases, seed {seed + HOLDOUT
 def _phenotype_agreement(model: SubtypeModel, cohort: Path, features: Path) -> float:
     with cohort.open(newline="", encoding="utf-8") as handle:
         phenotype = {row["case_id"]: int(row["phenotype"]) for row in csv.DictReader(handle)}
-    with features.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    matrix = np.array([[float(row[f] or "nan") for f in model.features] for row in rows])
-    imputed, _ = impute(matrix, model.medians)
+    table = read_feature_table(features, model.features)
+    imputed, _ = impute(table.values, model.medians)
     subtypes = model.assign(imputed)
-    return float(adjusted_rand_score([phenotype[row["case_id"]] for row in rows], subtypes))
+    return float(adjusted_rand_score([phenotype[case] for case in table.case_ids], subtypes))
 
 
 def _add_to_manifest(path: Path, key: str, value: object) -> None:

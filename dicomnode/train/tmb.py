@@ -44,7 +44,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from dicomnode import __version__
 from dicomnode.analyse.predict import TMB_SCHEMA, impute
 from dicomnode.errors import TrainingError
-from dicomnode.train import cpu_host
+from dicomnode.train import cpu_host, jsonable
 from dicomnode.train.table import number, read_csv, read_feature_table
 
 #: Feature-name prefixes left out of the TMB model by default: Wu's regional features serve
@@ -487,7 +487,7 @@ def train_tmb(
         "impute_medians": final.medians.tolist(),
         "threshold": threshold,
         "threshold_rule": "maximum Youden index of the nested cross-validated probabilities",
-        "protocol": {**_jsonable(asdict(protocol)), "seed": seed},
+        "protocol": {**jsonable(asdict(protocol)), "seed": seed},
         "training": {
             "host": cpu_host(),
             "lesions": len(data.high),
@@ -554,14 +554,6 @@ def plot_roc(
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _versions() -> dict[str, str]:

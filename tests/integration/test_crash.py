@@ -9,14 +9,12 @@ finishes, and that Orthanc ends up with exactly one SR (and at most one SEG) for
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from nodeproc import NodeProcess, write_config
+from nodeproc import NodeProcess, query, wait_until, write_config
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 
 from dicomnode.phantom import make_phantom_study, write_study
@@ -29,24 +27,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def query(db: Path, sql: str) -> list[tuple]:
-    if not db.exists():
-        return []
-    with sqlite3.connect(db, timeout=10) as conn:
-        return conn.execute(sql).fetchall()
-
-
 def job_states(data_dir: Path) -> list[str]:
     return [s for (s,) in query(data_dir / "jobs.sqlite", "SELECT state FROM jobs")]
-
-
-def wait_until(condition, timeout: float, what: str, node: NodeProcess) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}:\n{node.log_tail()}")
 
 
 def kill_9(node: NodeProcess) -> None:
@@ -86,7 +68,7 @@ def test_kill_9_loses_nothing_and_duplicates_nothing(tmp_path: Path, kill_point:
             sender = send(port, folder)
             index = data_dir / "index.sqlite"
             wait_until(lambda: query(index, "SELECT count(*) FROM instances")[0][0] >= 10
-                       if index.exists() else False, 60, "the first instances", node)
+                       if index.exists() else False, 60, "the first instances", node, poll=0.05)
             kill_9(node)
             output, _ = sender.communicate(timeout=60)
             successes = output.count("Received Store Response (Success)")
@@ -94,7 +76,8 @@ def test_kill_9_loses_nothing_and_duplicates_nothing(tmp_path: Path, kill_point:
         elif kill_point == "running":
             sender = send(port, folder)
             assert sender.wait(timeout=120) == 0
-            wait_until(lambda: "running" in job_states(data_dir), 60, "a running job", node)
+            wait_until(lambda: "running" in job_states(data_dir), 60, "a running job", node,
+                       poll=0.05)
             kill_9(node)
         else:
             pacs.stop()  # delivery fails and is retried: kill the node in the middle of it

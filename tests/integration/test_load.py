@@ -7,17 +7,16 @@ the patient and study it was made from (no cross-talk between concurrent associa
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
+from nodeproc import NodeProcess, query, write_config
+from orthanc import free_port
 
 from dicomnode.phantom import make_phantom_study, write_study
-from nodeproc import NodeProcess, write_config
-from orthanc import free_port
 
 STORESCU = Path("/usr/bin/storescu")
 SENDERS = 8
@@ -25,11 +24,7 @@ SHAPE, SPACING = (16, 64, 64), (2.5, 2.0, 2.0)
 
 
 def job_states(data_dir: Path) -> list[tuple[str, str, str]]:
-    db = data_dir / "jobs.sqlite"
-    if not db.exists():
-        return []
-    with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT study_uid, state, reason FROM jobs").fetchall()
+    return query(data_dir / "jobs.sqlite", "SELECT study_uid, state, reason FROM jobs")
 
 
 @pytest.mark.skipif(not STORESCU.exists(), reason="dcmtk storescu is not installed")

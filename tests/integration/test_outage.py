@@ -8,13 +8,11 @@ to deliver at least once. The test prints how long delivery took after Orthanc c
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from nodeproc import NodeProcess, write_config
+from nodeproc import NodeProcess, query, wait_until, write_config
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 
 from dicomnode.phantom import make_phantom_study, write_study
@@ -23,20 +21,7 @@ STORESCU = Path("/usr/bin/storescu")
 
 
 def jobs(data_dir: Path) -> list[tuple[str, str, int]]:
-    db = data_dir / "jobs.sqlite"
-    if not db.exists():
-        return []
-    with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT state, reason, attempts FROM jobs").fetchall()
-
-
-def wait_until(condition, timeout: float, what: str, log: NodeProcess) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}:\n{log.log_tail()}")
+    return query(data_dir / "jobs.sqlite", "SELECT state, reason, attempts FROM jobs")
 
 
 @pytest.mark.skipif(not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists() and STORESCU.exists()),
