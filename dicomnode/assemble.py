@@ -210,8 +210,8 @@ def _check_cosines(orientation: NDArray[np.float64], where: str) -> NDArray[np.f
         row @ col
     ) > 0.01:
         raise AssemblyError(
-            f"{where}: ImageOrientationPatient {list(orientation)} is not two orthogonal unit "
-            "vectors"
+            f"{where}: ImageOrientationPatient {[round(float(c), 6) for c in orientation]} is "
+            "not two orthogonal unit vectors"
         )
     return orientation
 
@@ -466,6 +466,8 @@ def _transfer_syntax(ds: Dataset) -> UID:
 def _frames(ds: Dataset, where: str) -> Iterator[NDArray[np.generic]]:
     """Decode every frame of ``ds`` without touching the dataset (no cached pixel array)."""
     syntax = _transfer_syntax(ds)
+    if not syntax.is_encapsulated:
+        _check_native_length(ds, where)
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
@@ -479,12 +481,43 @@ def _frames(ds: Dataset, where: str) -> Iterator[NDArray[np.generic]]:
         raise AssemblyError(f"{where}: the pixel data cannot be decoded ({exc})") from None
 
 
+def _check_native_length(ds: Dataset, where: str) -> None:
+    """Refuse native pixel data whose length is not what the image pixel module says.
+
+    pydicom decodes data that is too long with only a warning, but excess bytes mean Rows,
+    Columns, Bits Allocated or Number of Frames do not describe the data, so the image would be
+    read with the wrong shape. One trailing pad byte (PS3.5 8.1.1) is allowed.
+    """
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    expected = rows * cols * frames * samples * bits // 8
+    actual = len(ds.PixelData)
+    if actual not in (expected, expected + 1):
+        raise AssemblyError(
+            f"{where}: pixel data is {actual} bytes, but {rows} rows x {cols} columns x "
+            f"{frames} frame(s) x {bits} bits need {expected}"
+        )
+
+
+#: Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that
+#: the SEG and SR copy from their source. Type 2 means present but possibly empty; senders and
+#: anonymisers sometimes drop them altogether, and the outputs must still be valid.
+_TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                  "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def _header_only(ds: Dataset) -> Dataset:
-    """A deep copy of ``ds`` without its pixel data (the input is left untouched)."""
+    """A deep copy of ``ds`` without its pixel data (the input is left untouched), with absent
+    Type 2 patient and study attributes added empty."""
     out = Dataset()
     for element in ds:
         if element.tag not in _PIXEL_TAGS:
             out.add(copy.deepcopy(element))
+    for keyword in _TYPE_2_COPIED:
+        if keyword not in out:
+            setattr(out, keyword, "")
     if hasattr(ds, "file_meta"):
         out.file_meta = copy.deepcopy(ds.file_meta)
     implicit, little_endian = ds.original_encoding

@@ -207,6 +207,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     template = config.resolve(config.report.template_file)
     if not template.exists():
         raise ConfigError(f"report.template_file: {template} does not exist")
+    from dicomnode.receive import server_tls_context
+
+    server_tls_context(config)  # the node.tls_* files and key password, as serve checks them
     print(f"{args.config or 'defaults'}: configuration is valid")
     return EXIT_OK
 

@@ -63,6 +63,49 @@ class NodeConfig:
     #: 0xA700 Out of Resources (and logged) instead of filling the disk; storing resumes by
     #: itself once space is freed. 0 turns the check off.
     min_free_mb: float = 1024.0
+    #: DICOM TLS on the listener (PS3.15 B.12, BCP 195): the node's certificate (PEM, may be
+    #: followed by its intermediate CAs) and its private key (PEM). Both set: every association
+    #: must start with a TLS handshake and plain TCP is refused; neither: plain TCP. Relative
+    #: paths resolve against the home. The files are checked when the listener starts.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: Password of an encrypted private key, read from this environment variable or file at
+    #: start-up (secrets are never written in the TOML).
+    tls_key_password_env: str = ""
+    tls_key_password_file: str = ""
+    #: CA bundle (PEM) that client certificates must chain to. When set, a client that
+    #: presents a certificate not signed by it is refused during the handshake.
+    tls_ca_file: str = ""
+    #: Refuse, during the handshake, clients without a certificate signed by ``tls_ca_file``.
+    tls_require_client_cert: bool = False
+    #: Lowest TLS version accepted (BCP 195: TLS 1.2 or later).
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
+            raise ConfigError(
+                f"node.{missing}: TLS needs both tls_cert_file and tls_key_file (or neither)"
+            )
+        tls = bool(self.tls_cert_file)
+        for key in ("tls_ca_file", "tls_key_password_env", "tls_key_password_file"):
+            if getattr(self, key) and not tls:
+                raise ConfigError(f"node.{key}: set only with tls_cert_file and tls_key_file")
+        if self.tls_require_client_cert and not self.tls_ca_file:
+            raise ConfigError(
+                "node.tls_require_client_cert: needs tls_ca_file, the CA that signs the "
+                "client certificates"
+            )
+        if self.tls_key_password_env and self.tls_key_password_file:
+            raise ConfigError(
+                "node.tls_key_password_env: give tls_key_password_env or "
+                "tls_key_password_file, not both"
+            )
+
+    @property
+    def tls(self) -> bool:
+        """Whether the listener speaks DICOM TLS."""
+        return bool(self.tls_cert_file and self.tls_key_file)
 
 
 @dataclass(frozen=True)
@@ -77,6 +120,11 @@ class CompletionConfig:
     gap_policy: Literal["fail", "warn"] = "warn"
     #: Relative tolerance on slice spacing when deciding that a stack is evenly spaced.
     spacing_tolerance: float = 0.1
+    #: A series sent again (the same SOP Instance UIDs) after a job covered it: "ignore" it
+    #: (PACS re-send whole series after timeouts, and a resend must not make a second result
+    #: set), or "reprocess" it as a new job whose SEG and SR carry new UIDs. Instances with
+    #: new SOP Instance UIDs always make a new job.
+    resent_series: Literal["ignore", "reprocess"] = "ignore"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,18 @@ Association policy: a Called AE Title other than ``node.ae_title`` is rejected (
 rejected-permanent, reason 7) unless ``node.require_called_ae`` is false; when
 ``node.allowed_calling_aes`` is not empty, other Calling AE Titles are rejected (reason 3).
 
+DICOM TLS (after PS3.15 B.12, the BCP 195 TLS profile): with ``node.tls_cert_file`` and
+``node.tls_key_file`` set, every connection must begin with a TLS handshake (TLS 1.2 or 1.3,
+``node.tls_min_version``; TLS 1.2 only with ECDHE and AES-GCM or ChaCha20-Poly1305) before any
+DICOM PDU; a peer that speaks plain TCP, or fails the handshake, is disconnected before
+association negotiation and the failure is logged (one WARNING: address and reason). With
+``node.tls_ca_file`` a client certificate is requested and, if given, must chain to that CA;
+with ``node.tls_require_client_cert`` a client without one is refused during the handshake.
+The handshake runs in the connection's own thread within :data:`TLS_HANDSHAKE_SECONDS`, so a
+peer that connects and stalls cannot hold up other connections (pynetdicom's own server does
+the handshake on the thread that accepts every connection). The files are checked when the
+listener starts (:func:`server_tls_context`).
+
 Each C-STORE is handled in this order, and Success is answered only at the end:
 
 1. read the few header elements needed (UIDs, Modality, InstanceNumber, ImagePositionPatient,
@@ -46,8 +58,9 @@ Status mapping (PS3.4 B.2.3; PS3.7 Annex C):
 other      whatever an ``accept_callback`` raises as :class:`~dicomnode.errors.InputRejected`
 =========  =====================================================================================
 
-Logging: one INFO line per association (calling AE, address, counts, duration), one WARNING per
-refused or replaced instance (with its SOP Instance UID). Patient name, ID and birth date are
+Logging: one INFO line per association (calling AE, address, whether it ran over TLS and with
+which version and client certificate Common Name, counts, duration), one WARNING per refused
+or replaced instance (with its SOP Instance UID). Patient name, ID and birth date are
 never read, so never logged.
 
 Maximum PDU: ``config.node.max_pdu`` (0 = no limit, the default). With pynetdicom's 16 KB
@@ -62,15 +75,18 @@ import io
 import logging
 import math
 import shutil
+import socket
 import sqlite3
+import ssl
 import struct
+import threading
 import time
 import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -103,10 +119,11 @@ from pynetdicom import (
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode.config import Config
-from dicomnode.errors import InputRejected
+from dicomnode.config import Config, read_secret
+from dicomnode.errors import ConfigError, InputRejected
 from dicomnode.spool.index import Index, InstanceRecord
 from dicomnode.spool.store import Outcome, Spool, check_uid
 from dicomnode.types import SeriesKey
@@ -263,9 +280,26 @@ def read_header(data_set: bytes | bytearray | memoryview, transfer_syntax: str) 
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     try:
         raw = _ElementWalker(implicit=implicit, little_endian=little).header_values(buffer)
+    except _Truncated as exc:
+        raw = _header_values_encoded_the_other_way(buffer, implicit, little, exc)
     except _UnexpectedEncoding:
         raw = _header_values_with_pydicom(buffer, implicit, little)
     return _header_from_values(raw, little)
+
+
+def _header_values_encoded_the_other_way(
+    buffer: memoryview, implicit: bool, little: bool, truncated: _Truncated
+) -> dict[int, bytes]:
+    """Header values of a data set whose walk ran past its end.
+
+    Either the data set was cut short (refused: pydicom would read the part that arrived and
+    call it complete), or its VR explicitness is not the transfer syntax's, which misreads
+    lengths; only the second is readable, by walking it the other way.
+    """
+    try:
+        return _ElementWalker(implicit=not implicit, little_endian=little).header_values(buffer)
+    except _UnexpectedEncoding:
+        raise HeaderUnreadable(f"truncated: {truncated}") from None
 
 
 def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
@@ -345,12 +379,198 @@ def start_listener(
     Returns the pynetdicom server: ``server.server_address[1]`` is the bound port (useful
     with port 0), ``server.shutdown()`` stops it.
     """
+    tls_context = server_tls_context(config)  # checked before anything listens
     receiver = Receiver(spool=spool, index=index, accept_callback=accept_callback,
-                        min_free_bytes=int(config.node.min_free_mb * 1024 * 1024))
-    server = build_ae(config).start_server(
-        (config.node.host, config.node.port), block=False, evt_handlers=receiver.handlers()
+                        min_free_bytes=int(config.node.min_free_mb * 1024 * 1024),
+                        reprocess_resent=config.completion.resent_series == "reprocess")
+    ae = build_ae(config)
+    address = (config.node.host, config.node.port)
+    if tls_context is None:
+        server = ae.start_server(address, block=False, evt_handlers=receiver.handlers())
+        return cast(ThreadedAssociationServer, server)  # block=False always returns the server
+    # What AE.start_server(block=False) does, with the server class that handshakes per thread.
+    tls_server = ae.make_server(
+        address,
+        ssl_context=tls_context,
+        evt_handlers=receiver.handlers(),
+        server_class=_TlsAssociationServer,
     )
-    return cast(ThreadedAssociationServer, server)  # block=False always returns the server
+    thread = threading.Thread(
+        target=tls_server.serve_forever, name="AcceptorServer@tls", daemon=True
+    )
+    thread.start()
+    ae._servers.append(tls_server)  # AssociationServer.shutdown() removes it from there
+    return tls_server
+
+
+#: Seconds a client has to complete the TLS handshake after connecting.
+TLS_HANDSHAKE_SECONDS = 30.0
+
+#: TLS 1.2 cipher suites (OpenSSL names): forward secrecy and AEAD only, the suites BCP 195
+#: (RFC 9325 4.2) recommends plus ChaCha20-Poly1305. TLS 1.3 suites are OpenSSL's defaults.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The listener's TLS context, or ``None`` when ``node.tls_cert_file`` is not set.
+
+    Checks the configured files and the key password now, so that a bad setting stops the
+    node at start-up with a message that names the key.
+
+    Raises
+    ------
+    dicomnode.errors.ConfigError
+        A file is missing, unreadable or not PEM; the key does not match the certificate; the
+        key is encrypted and no (or a wrong) password is configured.
+    """
+    node = config.node
+    if not node.tls:
+        return None
+    cert = _tls_file(config, "tls_cert_file")
+    key = _tls_file(config, "tls_key_file")
+    ca = _tls_file(config, "tls_ca_file") if node.tls_ca_file else None
+    try:
+        password = read_secret(node.tls_key_password_env, node.tls_key_password_file)
+    except ConfigError as exc:
+        which = "tls_key_password_env" if node.tls_key_password_env else "tls_key_password_file"
+        raise ConfigError(f"node.{which}: {exc}") from None
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if node.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= ssl.OP_NO_RENEGOTIATION
+
+    _check_certificates(cert, "tls_cert_file")
+    try:
+        # A callable, so that OpenSSL never prompts on the terminal for an encrypted key.
+        context.load_cert_chain(cert, key, password=lambda: _key_password(password))
+    except ssl.SSLError as exc:  # a ConfigError from _key_password passes through
+        if "KEY_VALUES_MISMATCH" in str(exc.reason) or "key values mismatch" in str(exc):
+            raise ConfigError(
+                f"node.tls_key_file: {key} does not match the certificate in {cert}"
+            ) from None
+        if password is not None:
+            raise ConfigError(
+                f"node.tls_key_file: cannot read the private key {key} with the configured "
+                f"password (wrong password, or not a PEM key): {exc.reason or exc}"
+            ) from None
+        raise ConfigError(
+            f"node.tls_key_file: {key} is not a readable PEM private key: {exc.reason or exc}"
+        ) from None
+    if ca is not None:
+        _check_certificates(ca, "tls_ca_file")
+        context.load_verify_locations(cafile=str(ca))
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if node.tls_require_client_cert else ssl.CERT_OPTIONAL
+        )
+    else:
+        context.verify_mode = ssl.CERT_NONE  # no client certificate is asked for
+    return context
+
+
+def _tls_file(config: Config, key: str) -> Path:
+    """The resolved path of a TLS file setting, checked to be a readable file."""
+    path = config.resolve(Path(getattr(config.node, key)))
+    if not path.is_file():
+        raise ConfigError(f"node.{key}: {path} does not exist or is not a file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"node.{key}: cannot read {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _check_certificates(path: Path, key: str) -> None:
+    """Refuse a file that holds no PEM certificate."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"node.{key}: no PEM certificate in {path}: {exc.reason or exc}"
+        ) from None
+
+
+def _key_password(password: str | None) -> str:
+    if password is None:
+        raise ConfigError(
+            "node.tls_key_file: the private key is encrypted; name its password with "
+            "tls_key_password_env or tls_key_password_file"
+        )
+    return password
+
+
+class _TlsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved into each connection's thread.
+
+    ``AssociationServer.get_request`` wraps each accepted socket on the thread that accepts
+    every connection, handshake included: one peer that connects and sends nothing would stall
+    all other associations. Here that thread only accepts; each connection's own thread does
+    the handshake within :data:`TLS_HANDSHAKE_SECONDS`, and a failure closes that connection
+    with one WARNING line. Connection threads are daemons, so stopping the server does not
+    wait for a stalled handshake.
+    """
+
+    daemon_threads = True
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        return cast(socket.socket, self.socket).accept()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        context = cast(ssl.SSLContext, self.ssl_context)
+        try:
+            request.settimeout(TLS_HANDSHAKE_SECONDS)
+            tls_socket = context.wrap_socket(request, server_side=True)
+            tls_socket.settimeout(None)  # as pynetdicom's accepted sockets: blocking
+        except (OSError, ValueError) as exc:  # ssl.SSLError, timeout, reset, closed
+            log.warning(
+                "TLS handshake with %s failed, connection closed: %s",
+                _address_text(client_address),
+                _tls_failure(exc),
+            )
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(tls_socket, client_address)
+
+
+def _address_text(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """A short reason for a failed handshake (OpenSSL's reason code where there is one)."""
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc).lower().replace("_", " ")
+    if isinstance(exc, TimeoutError):
+        return f"no handshake within {TLS_HANDSHAKE_SECONDS:.0f} s"
+    return str(exc) or type(exc).__name__
+
+
+def _transport_text(assoc: Association) -> str:
+    """``plain TCP``, or the TLS version and the client certificate's Common Name."""
+    holder = assoc.dul.socket
+    sock = holder.socket if holder is not None else None
+    if not isinstance(sock, ssl.SSLSocket):
+        return "plain TCP"
+    version = sock.version() or "TLS"
+    try:
+        cert = sock.getpeercert()
+    except (ValueError, OSError):
+        cert = None
+    if not cert:
+        return f"{version}, no client certificate"
+    names = [
+        value
+        for rdn in cert.get("subject", ())
+        for name, value in rdn
+        if name == "commonName"
+    ]
+    return f"{version}, client certificate CN {names[0] if names else '(none)'!r}"
 
 
 @dataclass
@@ -360,11 +580,14 @@ class _AssociationStats:
     id: str
     calling_ae: str
     peer: str
+    #: "plain TCP", or the TLS version and client certificate (see ``_transport_text``).
+    transport: str = ""
     started: float = field(default_factory=time.monotonic)
     stored: int = 0
     duplicates: int = 0
     replaced: int = 0
     refused: int = 0
+    rejected_contexts: int = 0
 
 
 class Receiver:
@@ -381,6 +604,9 @@ class Receiver:
     min_free_bytes:
         Free space the spool's file system must keep; below it every C-STORE is answered
         Out of Resources (0xA700) with the reason. 0: no check.
+    reprocess_resent:
+        A copy of an instance that a job already covered (identical or replaced) reopens its
+        series (:meth:`~dicomnode.spool.index.Index.reopen`): it is processed again.
     """
 
     def __init__(
@@ -391,12 +617,14 @@ class Receiver:
         accept_callback: AcceptCallback | None = None,
         clock: Callable[[], float] = time.time,
         min_free_bytes: int = 0,
+        reprocess_resent: bool = False,
     ) -> None:
         self.spool = spool
         self.index = index
         self.accept_callback = accept_callback
         self.clock = clock
         self.min_free_bytes = min_free_bytes
+        self.reprocess_resent = reprocess_resent
         self._associations: dict[Association, _AssociationStats] = {}
 
     def handlers(self) -> list[EventHandlerType]:
@@ -411,25 +639,40 @@ class Receiver:
         ]
 
     def on_accepted(self, event: Event) -> None:
-        self._stats(event.assoc)
+        stats = self._stats(event.assoc)
+        rejected = [_describe_rejected(cx) for cx in event.assoc.rejected_contexts]
+        stats.rejected_contexts = len(rejected)
+        # SCUs such as storescu propose every storage class they know, so most associations
+        # have rejected contexts: counted in the closing line, listed only at DEBUG.
+        if rejected:
+            log.debug(
+                "association %s from %r: rejected presentation context(s): %s",
+                stats.id,
+                stats.calling_ae,
+                "; ".join(rejected),
+            )
 
     def on_ended(self, event: Event) -> None:
         stats = self._associations.pop(event.assoc, None)
         if stats is None:
             return
         how = {evt.EVT_RELEASED: "released", evt.EVT_ABORTED: "aborted"}.get(event.event, "closed")
+        if how == "closed" and event.assoc.acse.is_aborted():
+            how = "aborted"  # an A-ABORT the connection's close overtook
         log.info(
-            "association %s from %r (%s) %s after %.1f s: %d stored (%d duplicate, "
-            "%d replaced), %d refused",
+            "association %s from %r (%s, %s) %s after %.1f s: %d stored (%d duplicate, "
+            "%d replaced), %d refused; %d presentation context(s) rejected",
             stats.id,
             stats.calling_ae,
             stats.peer,
+            stats.transport,
             how,
             time.monotonic() - stats.started,
             stats.stored,
             stats.duplicates,
             stats.replaced,
             stats.refused,
+            stats.rejected_contexts,
         )
 
     def on_store(self, event: Event) -> int | Dataset:
@@ -487,8 +730,20 @@ class Receiver:
             self.index.record_instance(
                 self._record(header, stored.path, context.transfer_syntax, stats, stored.outcome)
             )
+            reopened = (
+                stored.outcome is not Outcome.NEW
+                and self.reprocess_resent
+                and self.index.reopen(header.key)
+            )
         except (sqlite3.Error, OSError) as exc:
             return self._refuse(stats, affected_uid, OUT_OF_RESOURCES, f"cannot index: {exc}")
+        if reopened:
+            log.info(
+                "association %s: series %s sent again; it will be processed again "
+                "(completion.resent_series = reprocess)",
+                stats.id,
+                header.series_uid,
+            )
         stats.stored += 1
         return SUCCESS
 
@@ -549,6 +804,7 @@ class Receiver:
                 id=uuid.uuid4().hex[:12],
                 calling_ae=str(requestor.ae_title).strip(),
                 peer=f"{requestor.address}:{requestor.port}",
+                transport=_transport_text(assoc),
             )
             self._associations[assoc] = stats
         return stats
@@ -576,6 +832,21 @@ def _check(header: InstanceHeader, affected_sop_instance_uid: str, context_sop_c
         )
 
 
+_CONTEXT_RESULTS = {
+    0x01: "rejected by the node",
+    0x02: "no reason given",
+    0x03: "abstract syntax not supported",
+    0x04: "transfer syntaxes not supported",
+}
+
+
+def _describe_rejected(context: PresentationContext) -> str:
+    """A rejected presentation context in words (PS3.8 9.3.3.2 result)."""
+    syntaxes = ", ".join(UID(ts).name for ts in context.transfer_syntax)
+    reason = _CONTEXT_RESULTS.get(context.result or 0, f"result {context.result}")
+    return f"{UID(context.abstract_syntax).name} in {syntaxes or 'no transfer syntax'} ({reason})"
+
+
 def _failure(status: int, comment: str) -> Dataset:
     """A status data set with an Error Comment (0000,0902).
 
@@ -591,6 +862,10 @@ def _failure(status: int, comment: str) -> Dataset:
 
 class _UnexpectedEncoding(Exception):
     """The element walk met something it does not handle; pydicom gets a try."""
+
+
+class _Truncated(_UnexpectedEncoding):
+    """An element's value runs past the end of the data set."""
 
 
 class _ElementWalker:
@@ -645,7 +920,9 @@ class _ElementWalker:
                     position = self._skip_sequence(buffer, position, self.implicit or vr == b"UN")
                     continue
                 if position + length > end:
-                    raise _UnexpectedEncoding("element runs past the end of the data set")
+                    raise _Truncated(
+                        f"({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end of the data set"
+                    )
                 if tag in _WANTED_TAGS:
                     found[tag] = bytes(buffer[position : position + length])
                 position += length

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs dicomnode and what it needs on a Debian 12 / Python 3.11 machine (or image).
 #   bash docker/install.sh          the node and its demo (no Debian packages needed)
-#   bash docker/install.sh --test   also Orthanc + DICOMweb plugin, dcmtk and dicom3tools for the tests
+#   bash docker/install.sh --test   also Orthanc + DICOMweb plugin, dcmtk, dicom3tools and openssl for the tests
 # Idempotent: what is already installed is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,13 +13,13 @@ PY=${PYTHON:-python3}
 
 if [ "$with_test" = 1 ]; then
   need=""
-  for b in /usr/sbin/Orthanc /usr/bin/storescu /usr/bin/dsrdump /usr/bin/dciodvfy; do [ -x "$b" ] || need=1; done
+  for b in /usr/sbin/Orthanc /usr/bin/storescu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/bin/openssl; do [ -x "$b" ] || need=1; done
   [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need=1
   if [ -n "$need" ]; then
-    echo "== Debian packages: orthanc orthanc-dicomweb dcmtk dicom3tools"
+    echo "== Debian packages: orthanc orthanc-dicomweb dcmtk dicom3tools openssl"
     $SUDO apt-get update -qq
     # The orthanc package tries to start its system service; a container refuses that harmlessly.
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openssl >/dev/null
   fi
 fi
 

@@ -64,6 +64,13 @@ class NodeProcess:
         process, self.process = self.process, None
         terminate(process, timeout)
 
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the node (no signal handler, no cleanup, no flush) and reap it."""
+        process, self.process = self.process, None
+        if process is not None:
+            process.kill()
+            process.wait(timeout)
+
     def jobs(self) -> list[dict]:
         """``dicomnode jobs --json`` for this node's configuration."""
         run = subprocess.run(
@@ -81,12 +88,12 @@ class NodeProcess:
             return "(no log)"
 
 
-def query(db: Path, sql: str) -> list[tuple]:
+def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
     """Rows of ``sql`` in one of a node's SQLite files (none while the file does not exist)."""
     if not db.exists():
         return []
     with sqlite3.connect(db, timeout=10) as conn:
-        return conn.execute(sql).fetchall()
+        return conn.execute(sql, params).fetchall()
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, node: NodeProcess,

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from dicomnode.config import Config
 from dicomnode.deliver import Destination
@@ -186,13 +185,22 @@ class Runner:
 
 
 def read_inputs(paths: Sequence[Path]) -> list[pydicom.Dataset]:
-    """The spooled instances of a job; a missing or unreadable file fails the job, named."""
+    """The spooled instances of a job; a missing or unreadable file fails the job, named.
+
+    pydicom raises many exception types on malformed data (an unknown VR raises
+    NotImplementedError, for one); each is a fact about the input, not a bug of the node.
+    """
     datasets = []
     for path in paths:
         try:
-            datasets.append(pydicom.dcmread(path))
-        except (OSError, InvalidDicomError) as exc:
-            raise InputRejected(f"spooled instance {path.name} cannot be read: {exc}") from None
+            ds = pydicom.dcmread(path)
+            for _ in ds.iterall():  # pydicom converts values lazily: meet bad ones here, named
+                pass
+            datasets.append(ds)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            raise InputRejected(
+                f"spooled instance {path.name} cannot be read: {type(exc).__name__}: {exc}"
+            ) from None
     return datasets
 
 

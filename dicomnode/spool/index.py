@@ -4,7 +4,9 @@ The C-STORE handler records each instance after its file is durable and before i
 Success; the job runner reads :meth:`Index.pending_series` to find series with instances that
 no job has covered yet, and calls :meth:`Index.mark_taken` when it creates a job. An instance
 that arrives after that makes the series pending again, and the next job covers the whole
-series afresh (reprocessing).
+series afresh (reprocessing). An identical copy of an instance changes nothing, so a series
+re-sent unchanged makes no second job, unless the receiver calls :meth:`Index.reopen` (it does
+with ``completion.resent_series = "reprocess"``).
 
 Durability: WAL journal with ``synchronous=FULL``, so every committed row is on disk when
 :meth:`Index.record_instance` returns, exactly like the spooled file it points to. With
@@ -230,6 +232,20 @@ class Index:
             )
             if cursor.rowcount == 0:
                 raise KeyError(key)
+
+    def reopen(self, key: SeriesKey) -> bool:
+        """Make a series that a job covers pending again, so that its next job covers it all.
+
+        Used when a series is sent again unchanged and the node is configured to reprocess
+        resent series. Returns whether the series was covered (and so is now reopened).
+        """
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE series SET processed_count = 0, state = 'receiving' "
+                "WHERE study_uid = ? AND series_uid = ? AND processed_count > 0",
+                (key.study_uid, key.series_uid),
+            )
+            return cursor.rowcount > 0
 
     def pending_series(self) -> list[SeriesState]:
         """Routable series with instances that no job covers yet, oldest activity first."""

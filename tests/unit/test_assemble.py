@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from anonymised import restore_uids
+from dicomfiles import enhanced_ct
 from pydicom import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-from anonymised import restore_uids
 from dicomnode.assemble import assemble, stack_gaps
 from dicomnode.config import AssemblyConfig
 from dicomnode.errors import AssemblyError, InputRejected
@@ -256,47 +257,6 @@ def test_stack_gaps_tells_irregular_steps_from_gaps() -> None:
 
 
 # ----------------------------------------------------------------------------- enhanced CT
-def enhanced_ct(phantom: Phantom, order: np.ndarray) -> Dataset:
-    """An Enhanced CT Image Storage instance (PS3.3 A.38) holding the phantom's slices in ``order``."""
-    first = phantom.datasets[0]
-    ds = Dataset()
-    ds.file_meta = copy.deepcopy(first.file_meta)
-    ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
-                    "FrameOfReferenceUID", "Modality", "Rows", "Columns", "BitsAllocated",
-                    "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
-                    "PhotometricInterpretation"):
-        setattr(ds, keyword, getattr(first, keyword))
-    ds.SOPClassUID = EnhancedCTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
-    ds.NumberOfFrames = len(order)
-
-    def item(**kwargs: object) -> Sequence:
-        inner = Dataset()
-        for key, value in kwargs.items():
-            setattr(inner, key, value)
-        return Sequence([inner])
-
-    shared = Dataset()
-    shared.PixelMeasuresSequence = item(PixelSpacing=first.PixelSpacing,
-                                        SliceThickness=first.SliceThickness)
-    shared.PlaneOrientationSequence = item(ImageOrientationPatient=first.ImageOrientationPatient)
-    shared.PixelValueTransformationSequence = item(RescaleSlope="1", RescaleIntercept="-1024",
-                                                   RescaleType="HU")
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    per_frame = []
-    for k in order:
-        frame = Dataset()
-        frame.PlanePositionSequence = item(
-            ImagePositionPatient=phantom.datasets[k].ImagePositionPatient)
-        per_frame.append(frame)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    ds.PixelData = b"".join(phantom.datasets[k].PixelData for k in order)
-    return ds
-
-
 def test_enhanced_multiframe_ct_assembles_with_frame_numbers(phantom: Phantom) -> None:
     order = np.random.default_rng(1).permutation(len(phantom.datasets))
     ds = enhanced_ct(phantom, order)

@@ -73,3 +73,57 @@ def test_calling_ae_whitelist_from_toml_or_environment():
     from_env = from_mapping({}, environ={"DICOMNODE_NODE__ALLOWED_CALLING_AES": "PACS,CT1"})
     assert from_env.node.allowed_calling_aes == ("PACS", "CT1")
     assert Config().node.require_called_ae and Config().node.allowed_calling_aes == ()
+
+
+@pytest.mark.parametrize(
+    "node, fragment",
+    [
+        ({"tls_cert_file": "node.crt"}, "node.tls_key_file: TLS needs both"),
+        ({"tls_key_file": "node.key"}, "node.tls_cert_file: TLS needs both"),
+        ({"tls_ca_file": "ca.crt"}, "node.tls_ca_file: set only with"),
+        (
+            {"tls_cert_file": "n.crt", "tls_key_file": "n.key", "tls_require_client_cert": True},
+            "node.tls_require_client_cert: needs tls_ca_file",
+        ),
+        (
+            {"tls_cert_file": "n.crt", "tls_key_file": "n.key", "tls_key_password_env": "PW",
+             "tls_key_password_file": "/run/secrets/pw"},
+            "not both",
+        ),
+        ({"tls_cert_file": "n.crt", "tls_key_file": "n.key", "tls_min_version": "1.1"},
+         "node.tls_min_version: '1.1' is not one of"),
+    ],
+)
+def test_tls_settings_that_do_not_fit_together_name_the_key(node, fragment):
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"node": node}, environ={})
+    assert fragment in str(info.value)
+
+
+def test_tls_is_off_by_default_and_on_with_certificate_and_key():
+    from dicomnode.receive import server_tls_context
+
+    assert not Config().node.tls and server_tls_context(Config()) is None
+    config = from_mapping({}, environ={"DICOMNODE_NODE__TLS_CERT_FILE": "n.crt",
+                                       "DICOMNODE_NODE__TLS_KEY_FILE": "n.key",
+                                       "DICOMNODE_NODE__TLS_REQUIRE_CLIENT_CERT": "true",
+                                       "DICOMNODE_NODE__TLS_CA_FILE": "ca.crt"})
+    assert config.node.tls and config.node.tls_require_client_cert
+
+
+def test_missing_or_unreadable_tls_files_stop_start_up_naming_the_key(tmp_path):
+    from dicomnode.receive import server_tls_context
+
+    missing = from_mapping(
+        {"node": {"tls_cert_file": str(tmp_path / "absent.crt"), "tls_key_file": "n.key"}},
+        environ={},
+    )
+    with pytest.raises(ConfigError, match=r"node\.tls_cert_file: .*absent\.crt does not exist"):
+        server_tls_context(missing)
+    garbage = tmp_path / "node.crt"
+    garbage.write_text("not a certificate\n")
+    not_pem = from_mapping(
+        {"node": {"tls_cert_file": str(garbage), "tls_key_file": str(garbage)}}, environ={}
+    )
+    with pytest.raises(ConfigError, match=r"node\.tls_cert_file: no PEM certificate"):
+        server_tls_context(not_pem)

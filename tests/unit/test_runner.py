@@ -114,6 +114,28 @@ def test_the_same_series_sent_again_makes_no_second_job(parts):
     assert len(jobs.all()) == 1
 
 
+def test_a_reopened_series_is_processed_again_as_a_new_job(parts):
+    index, jobs, _ = parts
+    clock = Clock()
+    runner = make_runner(parts, clock)
+    for n in range(20):
+        index.record_instance(record(n, T0))
+    clock.now = T0 + 5
+    first = runner.take_complete_series()
+    key = first[0].key
+    # What the receiver does for an identical resend with completion.resent_series = "reprocess"
+    for n in range(20):
+        index.record_instance(record(n, T0 + 50))
+        assert index.reopen(key) is (n == 0)  # only the first copy reopens the covered series
+    clock.now = T0 + 52
+    assert runner.take_complete_series() == []  # still in its quiet period
+    clock.now = T0 + 100
+    second = runner.take_complete_series()
+    assert len(second) == 1 and len(second[0].inputs) == 20
+    assert second[0].id != first[0].id  # its SEG and SR get new UIDs (seeded by the job id)
+    assert runner.take_complete_series() == []
+
+
 def test_a_gap_fails_the_series_with_the_reason_under_the_fail_policy(parts):
     index, jobs, _ = parts
     clock = Clock()
