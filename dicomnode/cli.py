@@ -269,11 +269,9 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- train
 def cmd_train_segmentation(args: argparse.Namespace) -> int:
-    from dicomnode.train.segmentation import train_segmentation
-
     from dataclasses import replace
 
-    from dicomnode.train.segmentation import Recipe
+    from dicomnode.train.segmentation import Recipe, train_segmentation
 
     recipe = Recipe() if args.phantoms is None else replace(Recipe(), n_phantoms=args.phantoms)
     report = train_segmentation(

@@ -18,7 +18,7 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 
-from dicomnode.config import Config, DestinationConfig, NodeConfig, load, home
+from dicomnode.config import Config, DestinationConfig, NodeConfig, home, load
 from dicomnode.deliver import make_destination
 from dicomnode.jobs.machine import FINAL_STATES, JobState
 from dicomnode.phantom import make_phantom_study, write_study

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 
-from dicomnode.analyse.predict import Predictor
 from dicomnode.analyse.measure import Measurer
+from dicomnode.analyse.predict import Predictor
 from dicomnode.analyse.segment import Segmenter
 from dicomnode.assemble import assemble
 from dicomnode.config import Config

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
-from io import BytesIO
 from collections.abc import Sequence
+from io import BytesIO
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 

@@ -26,9 +26,11 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -223,7 +225,28 @@ def _start_pool_worker(job: _Job) -> None:
     # Ctrl-C reaches the whole process group; only the main process should act on it (stop
     # handing out rows), while a worker finishes its row instead of dying mid-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     _start_worker(job)
+
+
+def _exit_with_parent(poll_seconds: float = 1.0) -> None:
+    """End this worker when the process that started it dies (kill -9 of ``features``).
+
+    A worker busy measuring a row never reads the pool's pipe, so it would only notice a dead
+    parent after that row, and a killed run once left workers measuring for minutes. An
+    orphan is re-parented, which changes ``os.getppid()``; the parent's PID comes from
+    multiprocessing, since the parent may already be gone while this worker imports.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:  # not a pool worker
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent.pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _measure_row(index: int, row: CohortRow) -> _Outcome:

@@ -34,9 +34,6 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from dicomfiles import enhanced_ct
-from nodeproc import NodeProcess, query, wait_until, write_config
-from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence
@@ -49,8 +46,11 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
+from dicomfiles import enhanced_ct
 from dicomnode.phantom import make_phantom_study
 from dicomnode.receive import encode_file_meta
+from nodeproc import NodeProcess, query, wait_until, write_config
+from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 

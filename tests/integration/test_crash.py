@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
+from dicomnode.phantom import make_phantom_study, write_study
 from nodeproc import NodeProcess, query, wait_until, write_config
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 from tcpproxy import HoldingProxy, body
-
-from dicomnode.phantom import make_phantom_study, write_study
 
 STORESCU = Path("/usr/bin/storescu")
 SLICES = 80

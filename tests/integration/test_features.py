@@ -10,6 +10,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import highdicom as hd
@@ -17,14 +20,15 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from dicomfiles import write_seg
 
+from dicomfiles import write_seg
 from dicomnode.cli import main
 from dicomnode.cohort import CohortRow, DicomwebSource, load_case
 from dicomnode.config import Config
 from dicomnode.errors import CohortError
 from dicomnode.phantom import Phantom, make_phantom_study, write_study
 from dicomnode.train.features import compute_features
+from dicomnode.train.synthetic import write_synthetic_cohort
 
 SHAPE, SPACING = (12, 64, 64), (2.5, 1.5, 1.5)
 VOXEL_MM3 = float(np.prod(SPACING))
@@ -185,3 +189,50 @@ def test_image_and_seg_fetched_from_orthanc(orthanc_factory, two_lesions, cohort
     header, row = read_csv(out)
     expected = two_lesions.lesions[0].voxel_count * VOXEL_MM3
     assert voxel_volume(header, row) == pytest.approx(expected)
+
+
+def test_workers_end_when_the_features_command_is_killed(tmp_path):
+    """kill -9 of ``dicomnode features`` must not leave its spawned workers measuring."""
+    cohort = write_synthetic_cohort(tmp_path / "cohort", 40, seed=7, progress=False)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "features", "--cohort", str(cohort),
+         "--out", str(tmp_path / "features.csv"), "--workers", "2", "--no-progress"],
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := children(command.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the workers never started"
+        time.sleep(2)  # let them take a row each
+    finally:
+        command.kill()
+        command.wait(10)
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if alive(pid)], "workers outlived the killed command"
+
+
+def children(pid: int) -> list[int]:
+    """Pool workers started by ``pid`` (Linux /proc; multiprocessing's resource tracker aside)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie awaiting its new parent's reap counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

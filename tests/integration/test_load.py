@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from nodeproc import NodeProcess, query, write_config
-from orthanc import free_port
 
 from dicomnode.phantom import make_phantom_study, write_study
+from nodeproc import NodeProcess, query, write_config
+from orthanc import free_port
 
 STORESCU = Path("/usr/bin/storescu")
 SENDERS = 8

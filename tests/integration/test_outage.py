@@ -12,10 +12,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from nodeproc import NodeProcess, query, wait_until, write_config
-from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 
 from dicomnode.phantom import make_phantom_study, write_study
+from nodeproc import NodeProcess, query, wait_until, write_config
+from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 
 STORESCU = Path("/usr/bin/storescu")
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from anonymised import restore_uids
-from dicomfiles import enhanced_ct
 from pydicom import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from anonymised import restore_uids
+from dicomfiles import enhanced_ct
 from dicomnode.assemble import assemble, stack_gaps
 from dicomnode.config import AssemblyConfig
 from dicomnode.errors import AssemblyError, InputRejected

@@ -13,11 +13,11 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from dicomfiles import write_seg
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
+from dicomfiles import write_seg
 from dicomnode.cohort import CohortRow, DicomwebSource, load_case, read_cohort
 from dicomnode.config import AssemblyConfig
 from dicomnode.errors import CohortError, ConfigError
