@@ -35,5 +35,7 @@ def dciodvfy_errors(path: Path | str) -> list[str]:
 def dsrdump_ok(path: Path | str) -> tuple[bool, str]:
     """Whether ``dsrdump -q`` accepts the SR at ``path``, and what it printed."""
     _require(DSRDUMP)
-    run = subprocess.run([DSRDUMP, "-q", str(path)], capture_output=True, text=True, timeout=120)
+    # errors="replace": dsrdump prints names in the SR's own character set, e.g. Latin-1.
+    run = subprocess.run([DSRDUMP, "-q", str(path)], capture_output=True, text=True,
+                         errors="replace", timeout=120)
     return run.returncode == 0, run.stderr or run.stdout[-2000:]

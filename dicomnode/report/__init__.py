@@ -8,6 +8,9 @@ SR template file (``sr_templates/tid1500_tmb.toml``, see :mod:`dicomnode.report.
 - :func:`summarize_sr`: a readable text summary of an SR, for the CLI and the demo.
 - :func:`summary_json`: the JSON summary written next to the objects.
 
+The Specific Character Set the two objects declare, for names in any script and for sources
+that declare a wrong one or none, is decided in :mod:`dicomnode.report.charset`.
+
 Neither summary contains the patient's name or ID.
 """
 
@@ -17,8 +20,10 @@ import logging
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
 
 from dicomnode.config import ReportConfig
+from dicomnode.report.charset import settle_character_set
 from dicomnode.report.seg import ReportUids, build_seg
 from dicomnode.report.sr import build_sr, report_warnings, summarize_sr
 from dicomnode.report.template import SrTemplate, load_template
@@ -86,9 +91,10 @@ def build_reports(
         uids=uids,
         series_number=series_number_base + 1,
     )
-    for ds in (seg, sr):
-        if ds is not None:
-            fit_inherited_values(ds)
+    outputs = [ds for ds in (seg, sr) if ds is not None]
+    for ds in outputs:
+        fit_inherited_values(ds)
+    settle_character_set(outputs, analysis.volume.sources[0])
     return ReportSet(sr=sr, seg=seg)
 
 
@@ -113,7 +119,9 @@ def fit_inherited_values(ds: Dataset) -> None:
         if fitted != [str(v) for v in values]:
             log.warning("%s copied from the source is longer than %s allows: shortened to %d characters",
                         element.keyword, element.VR, limit)
-            element.value = fitted if element.VM > 1 else fitted[0]
+            # A new element: highdicom shares the source's elements, which must stay untouched.
+            ds[element.tag] = DataElement(element.tag, element.VR,
+                                          fitted if element.VM > 1 else fitted[0])
 
 
 def summary_json(analysis: Analysis, reports: ReportSet) -> dict[str, Any]:

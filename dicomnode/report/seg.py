@@ -15,6 +15,7 @@ from pydicom.uid import generate_uid
 from dicomnode import __version__
 from dicomnode.config import ReportConfig
 from dicomnode.errors import ReportError
+from dicomnode.report.charset import source_character_set
 from dicomnode.report.template import SrTemplate
 from dicomnode.types import Analysis, LabelVolume, Volume
 
@@ -106,6 +107,9 @@ def build_seg(
             institution_name=config.institution_name or None,
             # Frames without any lesion carry no information; omitting them keeps the SEG small.
             omit_empty_frames=True,
+            # highdicom would copy the source's value and refuse an unknown one; the value
+            # written is settled after both objects are built (dicomnode.report.charset).
+            specific_character_set=source_character_set(analysis.volume.sources[0])[0],
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"cannot build the SEG: {exc}") from exc

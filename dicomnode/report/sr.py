@@ -49,6 +49,7 @@ from pydicom.uid import generate_uid
 from dicomnode import __version__
 from dicomnode.config import ReportConfig
 from dicomnode.errors import ReportError
+from dicomnode.report.charset import source_character_set
 from dicomnode.report.seg import ReportUids
 from dicomnode.report.template import SrTemplate
 from dicomnode.types import Analysis, Lesion, ModelInfo, Prediction
@@ -123,6 +124,8 @@ def build_sr(
             is_final=False,
             is_verified=False,
             coding_schemes=_coding_schemes(template),
+            # As in the SEG: settled after building (dicomnode.report.charset).
+            specific_character_set=source_character_set(analysis.volume.sources[0])[0],
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"cannot build the SR: {exc}") from exc

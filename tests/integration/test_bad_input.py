@@ -638,6 +638,9 @@ def test_bad_input_corpus(node_and_pacs, tmp_path):
                 if status == OK and meta_uids(path)[1] not in indexed]
         if lost:
             problems.append(f"{case.name}: acknowledged but not indexed: {lost}")
+    phi = [value for value in ("Phantom^Demo", "BAD-2", "19600101") if value in log]
+    if phi:  # patient name, IDs (BAD-<seed>) and birth date never reach the log
+        problems.append(f"patient data in the node's log: {phi}")
     delivered = sum(state == "delivered" for run in runs for _, state, _, _ in run.jobs)
     srs = requests.post(f"{pacs.http_url}/tools/find", auth=pacs.auth, timeout=30,
                         json={"Level": "Instance", "Query": {"Modality": "SR"}}).json()

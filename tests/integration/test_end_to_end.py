@@ -8,37 +8,22 @@ send them; the tests then read what Orthanc holds.
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import subprocess
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
-import requests
 
 from anonymised import restore_uids
 from dicomnode.demo import dice, seg_mask
 from dicomnode.phantom import make_phantom_study, write_study
 from nodeproc import NodeProcess, write_config
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
+from routing import ROUTE_CT, store_to_pacs, wait_for_outcome
 from validate import dciodvfy_errors, dsrdump_ok
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-STORESCU = "/usr/bin/storescu"
-WAIT_SECONDS = 420
-
-# Orthanc's auto-routing, as a hospital would write it: every stable CT series goes to the node.
-ROUTE_CT = """
-function OnStableSeries(seriesId, tags, metadata)
-  if tags['Modality'] == 'CT' then
-    RestApiPost('/modalities/node/store', '{"Resources":["' .. seriesId .. '"],"Synchronous":false}')
-  end
-end
-"""
 
 
 @pytest.fixture(scope="module")
@@ -65,55 +50,6 @@ def routed(tmp_path_factory):
     yield pacs, node, work
     node.stop()
     pacs.stop()
-
-
-def store_to_pacs(pacs: Orthanc, files: list[Path], *options: str) -> None:
-    run = subprocess.run(
-        [STORESCU, *options, "-aec", pacs.aet, "127.0.0.1", str(pacs.dicom_port), *map(str, files)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"},
-    )
-    assert run.returncode == 0, run.stderr
-
-
-def node_jobs(work: Path, study_uid: str) -> list[tuple[str, str]]:
-    """(state, reason) of the node's jobs for a study, read from its job database."""
-    db = work / "node" / "jobs.sqlite"
-    if not db.exists():
-        return []
-    with sqlite3.connect(db) as conn:
-        return conn.execute(
-            "SELECT state, reason FROM jobs WHERE study_uid = ? ORDER BY created_at", (study_uid,)
-        ).fetchall()
-
-
-def series_in_study(pacs: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
-    """Datasets Orthanc holds for a study, by modality (CT, SEG, SR)."""
-    query = {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
-    found = requests.post(f"{pacs.http_url}/tools/find", json=query, auth=pacs.auth, timeout=10).json()
-    out: dict[str, list[pydicom.Dataset]] = {}
-    for series in found:
-        modality = series["MainDicomTags"].get("Modality", "")
-        if modality in {"SEG", "SR"}:
-            out.setdefault(modality, []).extend(pacs.download(i) for i in series["Instances"])
-        else:
-            out.setdefault(modality, [])
-    return out
-
-
-def wait_for_outcome(pacs: Orthanc, node: NodeProcess, work: Path, study_uid: str, *, want_seg: bool | None):
-    """Wait until the node's job for the study ended and Orthanc holds its results."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while time.monotonic() < deadline:
-        jobs = node_jobs(work, study_uid)
-        if any(state == "failed" for state, _ in jobs):
-            return jobs, series_in_study(pacs, study_uid)
-        if any(state == "delivered" for state, _ in jobs):
-            held = series_in_study(pacs, study_uid)
-            if "SR" in held and (not want_seg or "SEG" in held):
-                return jobs, held
-        time.sleep(1)
-    raise AssertionError(f"no outcome for study within {WAIT_SECONDS} s; jobs {node_jobs(work, study_uid)}\n"
-                         f"node log:\n{node.log_tail()}\nOrthanc log:\n{pacs.log_tail()}")
 
 
 def validate_files(tmp_path: Path, held: dict[str, list[pydicom.Dataset]]) -> None:

@@ -13,7 +13,7 @@ PURE = [
     "types.py", "errors.py", "assemble.py", "pipeline.py", "series/completion.py",
     "analyse/segment.py", "analyse/radiomics.py", "analyse/regional.py", "analyse/measure.py",
     "analyse/predict.py",
-    "report/seg.py", "report/sr.py", "report/template.py", "jobs/machine.py",
+    "report/seg.py", "report/sr.py", "report/template.py", "report/charset.py", "jobs/machine.py",
 ]
 EDGE_IMPORTS = {"socket", "sqlite3", "subprocess", "pynetdicom", "requests", "dicomweb_client",
                 "http", "urllib", "dicomnode.receive", "dicomnode.spool", "dicomnode.deliver",
