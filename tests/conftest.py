@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Orthanc on loopback, and the third-party test data."""
+"""Shared fixtures: a real Orthanc on loopback, the listener in-process, and the third-party
+test data."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from listener import Node, listeners
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -41,3 +43,11 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
 def orthanc(orthanc_factory: Callable[..., Orthanc]) -> Orthanc:
     """A running Orthanc without authentication."""
     return orthanc_factory()
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start in-process listeners on free loopback ports (``NodeConfig`` options as
+    arguments); all are stopped afterwards."""
+    with listeners(tmp_path) as start:
+        yield start

@@ -13,8 +13,7 @@ import os
 import shutil
 import subprocess
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -35,48 +34,15 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import create_file_meta, split_dataset
 from pynetdicom.dsutils import encode_file_meta as pynetdicom_file_meta
 
-from dicomnode.config import Config, NodeConfig
 from dicomnode.receive import (
     encode_file_meta,
     read_header,
-    start_listener,
 )
-from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
 from dicomnode.types import SeriesKey
+from listener import AE_TITLE, DCMTK_ENV, ECHOSCU, Node, echoscu, storescu
 
-STORESCU = Path("/usr/bin/storescu")
-ECHOSCU = Path("/usr/bin/echoscu")
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-AE_TITLE = "DICOMNODE"
 RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
-
-
-@dataclass
-class Node:
-    port: int
-    spool: Spool
-    index: Index
-
-
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    """Start listeners on free loopback ports (NodeConfig options as arguments); stop them after."""
-    servers = []
-
-    def start(non_ct: str = "reject", **node_options: object) -> Node:
-        work = tmp_path / f"node{len(servers)}"
-        spool, index = Spool(work / "spool"), Index(work / "index.sqlite")
-        config = Config(node=NodeConfig(ae_title=AE_TITLE, host="127.0.0.1", port=0,
-                                        non_ct=non_ct, **node_options))
-        server = start_listener(config, spool, index)
-        servers.append((server, index))
-        return Node(server.server_address[1], spool, index)
-
-    yield start
-    for server, index in servers:
-        server.shutdown()
-        index.close()
 
 
 @pytest.fixture
@@ -95,17 +61,6 @@ def ibsi_ct(shared_data: Path) -> list[Path]:
 def jpeg2000_ct(shared_data: Path) -> list[Path]:
     folder = shared_data / "totalsegmentator" / "tests" / "reference_files" / "example_ct_dicom"
     return sorted(folder.iterdir())
-
-
-def storescu(port: int, *arguments: Path | str) -> subprocess.CompletedProcess[str]:
-    """dcmtk storescu: options and files after the address."""
-    return subprocess.run(
-        [str(STORESCU), "-aec", AE_TITLE, "127.0.0.1", str(port), *map(str, arguments)],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def send_raw(port: int, *paths: Path, monkeypatch: pytest.MonkeyPatch) -> list[Dataset]:
@@ -410,13 +365,6 @@ def _encode(ds: Dataset, syntax: str) -> bytes:
 
 
 # -- AE title policy ---------------------------------------------------------------------------
-
-
-def echoscu(port: int, *options: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(ECHOSCU), *options, "127.0.0.1", str(port)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=30,
-    )
 
 
 def test_a_wrong_called_ae_title_is_rejected_with_reason_7(node: Node) -> None:

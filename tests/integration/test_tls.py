@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import test_receive
 from pynetdicom import AE
-from test_receive import AE_TITLE, Node, echoscu, storescu
 
 from dicomnode.config import Config, NodeConfig
 from dicomnode.errors import ConfigError
@@ -27,15 +25,12 @@ from dicomnode.phantom import make_phantom_study, write_study
 from dicomnode.receive import server_tls_context, start_listener
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
+from listener import AE_TITLE, DCMTK_ENV, ECHOSCU, Node, echoscu, storescu
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 VERIFICATION = "1.2.840.10008.1.1"
 KEY_PASSWORD = "correct horse battery staple"
 SLICES = 3
-
-#: The listener fixture of test_receive.py: start_node(**NodeConfig options) -> Node.
-start_node = test_receive.start_node
-
 
 @dataclass(frozen=True)
 class Pki:
@@ -230,9 +225,9 @@ def test_a_peer_that_connects_and_stalls_does_not_hold_up_others(
     node = start_tls_node()
     with socket.create_connection(("127.0.0.1", node.port)):
         done = subprocess.run(
-            [str(test_receive.ECHOSCU), "-aec", AE_TITLE, *client(pki), "127.0.0.1",
+            [str(ECHOSCU), "-aec", AE_TITLE, *client(pki), "127.0.0.1",
              str(node.port)],
-            env=test_receive.DCMTK_ENV, capture_output=True, text=True, timeout=20,
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=20,
         )
     assert done.returncode == 0, done.stdout + done.stderr
 
