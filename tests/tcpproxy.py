@@ -2,7 +2,8 @@
 
 :class:`HoldingProxy` listens on ``127.0.0.1`` (port chosen by the OS) and forwards each
 connection to one upstream port, one request/response exchange at a time (plain sockets and
-threads, no TLS). Armed with :meth:`~HoldingProxy.hold`, it stops the next exchange at a chosen
+threads). Given an ``ssl.SSLContext`` it serves HTTPS and forwards plain HTTP, as a
+TLS-terminating front end (nginx and the like) does for a PACS. Armed with :meth:`~HoldingProxy.hold`, it stops the next exchange at a chosen
 point and keeps it there until :meth:`~HoldingProxy.release`:
 
 - ``"request"``: the whole request has arrived from the client and is *not* forwarded (the
@@ -20,6 +21,7 @@ the server closes), which is all a STOW-RS client and server use.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from typing import BinaryIO
 
@@ -29,8 +31,10 @@ HOLD_POINTS = ("request", "response")
 class HoldingProxy:
     """Forward ``127.0.0.1:port`` to ``host:upstream_port``; see the module docstring."""
 
-    def __init__(self, upstream_port: int, host: str = "127.0.0.1", timeout: float = 300.0) -> None:
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1", timeout: float = 300.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.upstream = (host, upstream_port)
+        self.tls = tls
         self.timeout = timeout
         self.request_held = threading.Event()
         self.response_held = threading.Event()
@@ -51,7 +55,7 @@ class HoldingProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def hold(self, point: str) -> "HoldingProxy":
         """Hold the next exchange at ``point`` (``"request"`` or ``"response"``)."""
@@ -108,9 +112,14 @@ class HoldingProxy:
 
     def _serve(self, client: socket.socket) -> None:
         upstream: socket.socket | None = None
-        from_client = client.makefile("rb")
+        from_client: BinaryIO | None = None
         from_upstream: BinaryIO | None = None
         try:
+            if self.tls is not None:
+                client.settimeout(self.timeout)
+                client = self.tls.wrap_socket(client, server_side=True)  # handshake here
+                self._track(client)
+            from_client = client.makefile("rb")
             while True:
                 request = read_message(from_client, is_response=False)
                 if request is None:
@@ -139,7 +148,7 @@ class HoldingProxy:
                     self._released.wait(self.timeout)
                     return
                 client.sendall(response)
-        except OSError:
+        except OSError:  # ssl.SSLError included: a client that does not trust the certificate
             return
         finally:
             for stream in (from_client, from_upstream):

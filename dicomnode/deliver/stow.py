@@ -62,6 +62,20 @@ FAILURE_REASONS = {
 }
 
 
+class _Session(requests.Session):
+    """A session whose own ``verify`` (the destination's ``ca_file``) wins over the environment.
+
+    Plain requests lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` replace a session's CA file
+    (psf/requests#3829), and many servers set them: a PACS certificate from the hospital's own
+    CA would then be refused although ``ca_file`` names that CA.
+    """
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[override]
+        if verify is None:
+            verify = self.verify
+        return super().merge_environment_settings(url, proxies, stream, verify, cert)
+
+
 def authenticated_session(cfg: DestinationConfig) -> requests.Session:
     """A session with ``cfg``'s credentials and CA, read now so that rotated secrets apply.
 
@@ -70,7 +84,7 @@ def authenticated_session(cfg: DestinationConfig) -> requests.Session:
     ConfigError
         A named secret (environment variable or file) is missing.
     """
-    session = requests.Session()
+    session = _Session()
     if cfg.ca_file:
         session.verify = cfg.ca_file
     if cfg.username:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import http.server
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pki import OPENSSL, Pki, make_pki
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -23,6 +26,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from dicomnode.config import DestinationConfig
 from dicomnode.deliver import make_destination
 from orthanc import Orthanc, free_port
+from tcpproxy import HoldingProxy
 
 PASSWORD = "correct-horse-battery"
 PATIENT_NAME = "Deliverytest^Secret"
@@ -97,6 +101,57 @@ def test_stow_wrong_password_is_a_permanent_failure(orthanc_factory, instances, 
     assert "401" in messages(result)
     assert "not-the-password" not in messages(result)
     assert server.sop_instance_uids() == set()
+
+
+@pytest.fixture(scope="module")
+def https_pki(tmp_path_factory) -> Pki:
+    if not Path(OPENSSL).exists():
+        pytest.skip("the openssl command is not installed")
+    return make_pki(tmp_path_factory.mktemp("pki"), key_password="unused")
+
+
+@pytest.fixture
+def https_front(https_pki: Pki) -> Callable[[Orthanc], HoldingProxy]:
+    """An HTTPS front end (the test CA's server certificate) to an Orthanc's HTTP port.
+
+    Orthanc 1.10's own HTTPS (CivetWeb with OpenSSL 3) crashes on the first request here, and
+    hospitals commonly terminate TLS in front of the PACS anyway.
+    """
+    proxies: list[HoldingProxy] = []
+
+    def front(server: Orthanc) -> HoldingProxy:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(https_pki["server.crt"], https_pki["server.key"])
+        proxies.append(HoldingProxy(server.http_port, tls=context))
+        return proxies[-1]
+
+    yield front
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.mark.orthanc
+def test_stow_over_https_with_basic_auth_from_a_file(orthanc_factory, instances, https_pki,
+                                                      https_front, tmp_path):
+    server = orthanc_factory(users={"node": PASSWORD})
+    url = https_front(server).url + "/dicom-web"
+    secret = tmp_path / "pacs-password"
+    secret.write_text(PASSWORD + "\n", encoding="utf-8")
+    cfg = stow(url, username="node", password_file=str(secret), ca_file=https_pki["ca.crt"])
+    result = make_destination(cfg).send(instances)
+    assert result.ok, messages(result)
+    assert server.sop_instance_uids() == {ds.SOPInstanceUID for ds in instances}
+
+
+@pytest.mark.orthanc
+def test_stow_to_an_untrusted_https_server_fails_for_good_and_sends_nothing(
+        orthanc_factory, instances, https_front):
+    server = orthanc_factory()  # the node is not given the test CA: the certificate is unknown
+    front = https_front(server)
+    result = make_destination(stow(front.url + "/dicom-web")).send(instances)
+    assert not result.ok and not result.retryable
+    assert "TLS failure" in messages(result) and "certificate verify failed" in messages(result)
+    assert front.forwarded == 0 and server.sop_instance_uids() == set()
 
 
 @pytest.mark.orthanc

@@ -8,15 +8,14 @@ another ("rogue") CA that the node does not trust.
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 import ssl
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pki import OPENSSL, Pki, make_pki
 from pynetdicom import AE
 
 from dicomnode.config import Config, NodeConfig
@@ -27,63 +26,15 @@ from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
 from listener import AE_TITLE, DCMTK_ENV, ECHOSCU, Node, echoscu, storescu
 
-OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 VERIFICATION = "1.2.840.10008.1.1"
 KEY_PASSWORD = "correct horse battery staple"
 SLICES = 3
-
-@dataclass(frozen=True)
-class Pki:
-    folder: Path
-
-    def __getitem__(self, name: str) -> str:
-        """``pki["client.key"]``: the path of one of the files, as a string."""
-        path = self.folder / name
-        assert path.is_file(), path
-        return str(path)
-
-
-def _openssl(*arguments: str, cwd: Path) -> None:
-    done = subprocess.run([OPENSSL, *arguments], cwd=cwd, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-
-
-def _make_ca(folder: Path, name: str, common_name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2",
-             "-subj", f"/CN={common_name}",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
-
-
-def _make_leaf(folder: Path, name: str, common_name: str, ca: str, extensions: list[str]) -> None:
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={common_name}",
-             cwd=folder)
-    (folder / f"{name}.ext").write_text(
-        "\n".join(["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature",
-                   *extensions]) + "\n"
-    )
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-days", "2", "-out", f"{name}.crt",
-             "-extfile", f"{name}.ext", cwd=folder)
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     if not Path(OPENSSL).exists():
         pytest.skip("the openssl command is not installed")
-    folder = tmp_path_factory.mktemp("pki")
-    _make_ca(folder, "ca", "dicomnode test CA")
-    _make_ca(folder, "rogue-ca", "rogue CA")
-    _make_leaf(folder, "server", "localhost", "ca",
-               ["subjectAltName=DNS:localhost,IP:127.0.0.1", "extendedKeyUsage=serverAuth"])
-    _make_leaf(folder, "client", "storescu-client", "ca", ["extendedKeyUsage=clientAuth"])
-    _make_leaf(folder, "rogue", "rogue-client", "rogue-ca", ["extendedKeyUsage=clientAuth"])
-    _openssl("pkey", "-in", "server.key", "-aes256", "-passout", f"pass:{KEY_PASSWORD}",
-             "-out", "server-encrypted.key", cwd=folder)
-    return Pki(folder)
+    return make_pki(tmp_path_factory.mktemp("pki"), key_password=KEY_PASSWORD)
 
 
 @pytest.fixture(scope="module")
