@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pki import OPENSSL, Pki, make_pki
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -26,6 +25,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from dicomnode.config import DestinationConfig
 from dicomnode.deliver import make_destination
 from orthanc import Orthanc, free_port
+from pki import OPENSSL, Pki, make_pki
 from tcpproxy import HoldingProxy
 
 PASSWORD = "correct-horse-battery"

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pki import OPENSSL, Pki, make_pki
 from pynetdicom import AE
 
 from dicomnode.config import Config, NodeConfig
@@ -25,6 +24,7 @@ from dicomnode.receive import server_tls_context, start_listener
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
 from listener import AE_TITLE, DCMTK_ENV, ECHOSCU, Node, echoscu, storescu
+from pki import OPENSSL, Pki, make_pki
 
 VERIFICATION = "1.2.840.10008.1.1"
 KEY_PASSWORD = "correct horse battery staple"
