@@ -208,7 +208,9 @@ class DestinationConfig:
     - ``stow``: ``url`` (DICOMweb root), optional ``username`` with ``password_env`` or
       ``password_file``, or ``token_env`` / ``token_file`` for a bearer token;
       ``timeout_seconds``; ``ca_file`` for a private CA.
-    - ``cstore``: ``ae_title``, ``host``, ``port``.
+    - ``cstore``: ``ae_title``, ``host``, ``port``; ``tls = true`` for DICOM TLS, with
+      ``ca_file`` for a private CA and ``tls_cert_file`` / ``tls_key_file`` when the peer
+      wants a client certificate.
     """
 
     kind: Literal["folder", "stow", "cstore"] = "folder"
@@ -225,6 +227,13 @@ class DestinationConfig:
     ae_title: str = ""
     host: str = ""
     port: int = 0
+    #: cstore only: DICOM TLS (1.2 or later) to the peer, whose certificate must chain to
+    #: ``ca_file`` (or the system's CAs) and name ``host``.
+    tls: bool = False
+    #: cstore with TLS: this node's certificate and unencrypted key (PEM), for peers that
+    #: require client certificates.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -360,6 +369,12 @@ def _check_destination(d: DestinationConfig, where: str) -> None:
         raise ConfigError(f"{where}.url: a stow destination needs an http(s) DICOMweb URL")
     if d.kind == "cstore" and not (d.ae_title and d.host and d.port):
         raise ConfigError(f"{where}: a cstore destination needs ae_title, host and port")
+    if d.tls and d.kind != "cstore":
+        raise ConfigError(f"{where}.tls: only a cstore destination uses it (use an https URL)")
+    if bool(d.tls_cert_file) != bool(d.tls_key_file):
+        raise ConfigError(f"{where}: give both tls_cert_file and tls_key_file, or neither")
+    if d.tls_cert_file and not d.tls:
+        raise ConfigError(f"{where}.tls_cert_file: set tls = true to use a client certificate")
     if d.password_env and d.password_file:
         raise ConfigError(f"{where}: give password_env or password_file, not both")
     if d.token_env and d.token_file:

@@ -7,11 +7,17 @@ Classification (the job runner retries only when every failure is temporary):
 - per instance (PS3.4 Table B.2-1): Success and Warning statuses are stored; 0xA7xx "Refused:
   Out of Resources" and a missing response are temporary; any other failure status, or a SOP
   class the peer did not accept, is permanent.
+
+With ``tls = true`` the association runs over TLS 1.2 or later; the peer's certificate is
+verified against ``ca_file`` (else the system's CAs) and must name ``host``. A failed handshake
+is a failed association (pynetdicom logs the TLS error); client certificate and key files that
+cannot be loaded fail the delivery for good, since no retry can fix them.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 
 from pydicom import Dataset
@@ -41,12 +47,18 @@ class CStoreDestination:
         if not datasets:
             return DeliveryResult(destination=self.name)
         datasets = [_with_transfer_syntax(ds) for ds in datasets]
-        assoc = self._associate(datasets)
+        try:
+            tls_args = self._tls_args()
+        except (OSError, ssl.SSLError) as exc:
+            reason = f"TLS set-up for {self.peer}: {exc}"
+            return failed_for_all(self.name, datasets, reason, retryable=False)
+        assoc = self._associate(datasets, tls_args)
         if not assoc.is_established:
             why = (
                 "rejected by the peer"
                 if assoc.is_rejected
-                else "not established (no answer or aborted)"
+                else "not established (no answer or aborted"
+                + (", or the TLS handshake failed: see the log)" if tls_args else ")")
             )
             return failed_for_all(
                 self.name, datasets, f"association with {self.peer} {why}", retryable=True
@@ -66,14 +78,30 @@ class CStoreDestination:
             )
         return result
 
-    def _associate(self, datasets: Sequence[Dataset]) -> Association:
+    def _tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's ``tls_args`` for ``cfg.tls``: a verifying client context and the host."""
+        if not self.cfg.tls:
+            return None
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=self.cfg.ca_file or None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cfg.tls_cert_file:
+            context.load_cert_chain(self.cfg.tls_cert_file, self.cfg.tls_key_file)
+        return context, self.cfg.host
+
+    def _associate(
+        self, datasets: Sequence[Dataset], tls_args: tuple[ssl.SSLContext, str] | None
+    ) -> Association:
         """One association proposing each (SOP class, transfer syntax) pair of ``datasets``."""
         ae = AE(ae_title=self.calling_ae_title)
         timeout = self.cfg.timeout_seconds
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
         for sop_class, syntax in dict.fromkeys(_context_of(ds) for ds in datasets):
             ae.add_requested_context(sop_class, syntax)
-        return ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title)
+        return ae.associate(
+            self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title, tls_args=tls_args
+        )
 
     def _store(self, assoc: Association, ds: Dataset) -> tuple[InstanceOutcome, bool]:
         """C-STORE one instance: ``(outcome, failure_is_temporary)``."""

@@ -24,6 +24,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.config import DestinationConfig
 from dicomnode.deliver import make_destination
+from listener import AE_TITLE
 from orthanc import Orthanc, free_port
 from pki import OPENSSL, Pki, make_pki
 from tcpproxy import HoldingProxy
@@ -319,3 +320,43 @@ def test_cstore_nothing_listening_is_retryable(instances):
     result = make_destination(cfg).send(instances)
     assert not result.ok and result.retryable
     assert "association" in result.error
+
+
+def tls_peer(start_node, pki: Pki):
+    """A listener (this project's own SCP) that requires TLS client certificates from the CA."""
+    return start_node(tls_cert_file=pki["server.crt"], tls_key_file=pki["server.key"],
+                      tls_ca_file=pki["ca.crt"], tls_require_client_cert=True)
+
+
+def tls_cstore(peer, pki: Pki, **options: object) -> DestinationConfig:
+    settings = {"ca_file": pki["ca.crt"], "tls_cert_file": pki["client.crt"],
+                "tls_key_file": pki["client.key"], **options}
+    return DestinationConfig(kind="cstore", name="peer", ae_title=AE_TITLE, host="127.0.0.1",
+                             port=peer.port, tls=True, timeout_seconds=10, **settings)
+
+
+def stored_instances(peer) -> int:
+    return sum(state.instance_count for state in peer.index.pending_series())
+
+
+def test_cstore_over_tls_with_a_client_certificate(start_node, https_pki, instances):
+    peer = tls_peer(start_node, https_pki)
+    result = make_destination(tls_cstore(peer, https_pki)).send(instances)
+    assert result.ok, messages(result)
+    assert stored_instances(peer) == len(instances)
+
+
+def test_cstore_to_a_tls_peer_that_is_not_trusted_stores_nothing(start_node, https_pki, instances):
+    peer = tls_peer(start_node, https_pki)
+    result = make_destination(tls_cstore(peer, https_pki, ca_file="")).send(instances)  # system CAs
+    assert not result.ok and "TLS handshake failed" in result.error
+    assert stored_instances(peer) == 0
+
+
+def test_cstore_with_an_unreadable_client_key_fails_for_good(start_node, https_pki, instances,
+                                                             tmp_path):
+    peer = tls_peer(start_node, https_pki)
+    cfg = tls_cstore(peer, https_pki, tls_key_file=str(tmp_path / "missing.key"))
+    result = make_destination(cfg).send(instances)
+    assert not result.ok and not result.retryable and "TLS set-up" in result.error
+    assert stored_instances(peer) == 0

@@ -38,6 +38,14 @@ def test_environment_overrides_file_values():
         ({"destinations": [{"kind": "stow", "url": "ftp://x"}]}, {}, "destinations[0].url"),
         ({"destinations": [{"kind": "cstore", "host": "h"}]}, {}, "needs ae_title, host and port"),
         ({"destinations": [{"kind": "fax"}]}, {}, "destinations[0].kind"),
+        ({"destinations": [{"kind": "stow", "url": "http://x", "tls": True}]}, {},
+         "destinations[0].tls: only a cstore destination"),
+        ({"destinations": [{"kind": "cstore", "ae_title": "P", "host": "h", "port": 1,
+                            "tls": True, "tls_cert_file": "c.crt"}]}, {},
+         "give both tls_cert_file and tls_key_file"),
+        ({"destinations": [{"kind": "cstore", "ae_title": "P", "host": "h", "port": 1,
+                            "tls_cert_file": "c.crt", "tls_key_file": "c.key"}]}, {},
+         "destinations[0].tls_cert_file: set tls = true"),
     ],
 )
 def test_errors_name_the_bad_key(data, environ, fragment):
