@@ -232,10 +232,10 @@ def _start_pool_worker(job: _Job) -> None:
 def _exit_with_parent(poll_seconds: float = 1.0) -> None:
     """End this worker when the process that started it dies (kill -9 of ``features``).
 
-    A worker busy measuring a row never reads the pool's pipe, so it would only notice a dead
-    parent after that row, and a killed run once left workers measuring for minutes. An
-    orphan is re-parented, which changes ``os.getppid()``; the parent's PID comes from
-    multiprocessing, since the parent may already be gone while this worker imports.
+    Nothing in concurrent.futures ends a worker whose parent was killed: orphans of a killed
+    run were found still alive long after it. An orphan is re-parented, which changes
+    ``os.getppid()``; the parent's PID comes from multiprocessing, since the parent may already
+    be gone while this worker imports.
     """
     parent = multiprocessing.parent_process()
     if parent is None:  # not a pool worker

@@ -20,7 +20,7 @@ the end. The documentation's table and the cases here are checked against each o
 from __future__ import annotations
 
 import copy
-import os
+import functools
 import re
 import socket
 import subprocess
@@ -49,6 +49,7 @@ from pynetdicom.sop_class import Verification
 from dicomfiles import enhanced_ct
 from dicomnode.phantom import make_phantom_study
 from dicomnode.receive import encode_file_meta
+from listener import AE_TITLE, ECHOSCU, echoscu
 from nodeproc import NodeProcess, query, wait_until, write_config
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 
@@ -56,7 +57,6 @@ pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "bad-input.md"
-ECHOSCU = "/usr/bin/echoscu"
 NO_CONTEXT = "no presentation context"  # the SCU could not send: the node rejected the context
 ABORTED = "aborted by the sender"
 SLICES = 12
@@ -525,6 +525,7 @@ def send(port: int, association: Send, calling_ae: str) -> list[tuple[Path, int 
     return results
 
 
+@functools.cache  # asked again for every file by the checks after sending
 def meta_uids(path: Path) -> tuple[str, str, str]:
     """(SOP class, SOP instance, transfer syntax) from a file's File Meta Information."""
     meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
@@ -533,9 +534,7 @@ def meta_uids(path: Path) -> tuple[str, str, str]:
 
 
 def echo_ok(port: int) -> bool:
-    run = subprocess.run([ECHOSCU, "-aec", "DICOMNODE", "127.0.0.1", str(port)],
-                         capture_output=True, timeout=30, env={**os.environ, "TCP_NODELAY": "1"})
-    return run.returncode == 0
+    return echoscu(port, "-aec", AE_TITLE).returncode == 0
 
 
 def series_uid(path: Path) -> str | None:
@@ -567,7 +566,7 @@ class Ran:
 def node_and_pacs(tmp_path_factory):
     if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
         pytest.skip("Orthanc with the DICOMweb plugin is not installed (orthanc, orthanc-dicomweb)")
-    if not Path(ECHOSCU).exists():
+    if not ECHOSCU.exists():
         pytest.skip("dcmtk is not installed")
     work = tmp_path_factory.mktemp("bad-input")
     pacs = Orthanc(work / "orthanc").start()

@@ -11,6 +11,7 @@ dicomnode/report/charset.py; the last tests check its rules on plain data sets (
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,16 +55,9 @@ class Case:
         for name in (real, self.name):
             for part in (p for group in name.split("=") for p in group.split("^") if p):
                 forms |= {part.encode("utf-8"), ascii(part)[1:-1].encode()}
-                forms |= {part.encode("latin-1")} if _encodes(part, "latin-1") else set()
+                with suppress(UnicodeEncodeError):
+                    forms.add(part.encode("latin-1"))
         return {f for f in forms if len(f) >= 3}
-
-
-def _encodes(text: str, codec: str) -> bool:
-    try:
-        text.encode(codec)
-    except UnicodeError:
-        return False
-    return True
 
 
 CASES = [

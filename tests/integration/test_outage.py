@@ -7,17 +7,14 @@ to deliver at least once. The test prints how long delivery took after Orthanc c
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from dicomnode.phantom import make_phantom_study, write_study
+from listener import STORESCU, storescu
 from nodeproc import NodeProcess, query, wait_until, write_config
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
-
-STORESCU = Path("/usr/bin/storescu")
 
 
 def jobs(data_dir: Path) -> list[tuple[str, str, int]]:
@@ -41,11 +38,7 @@ def test_results_are_kept_and_delivered_once_the_pacs_is_back(tmp_path: Path) ->
         pacs.stop()  # the PACS goes down before the study arrives
         phantom = make_phantom_study(10_200, shape=(16, 64, 64), spacing=(2.5, 2.0, 2.0))
         write_study(phantom, tmp_path / "ct")
-        sent = subprocess.run(
-            [str(STORESCU), "-aec", "DICOMNODE", "127.0.0.1", str(port), "+sd",
-             str(tmp_path / "ct")],
-            env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=120,
-        )
+        sent = storescu(port, "+sd", tmp_path / "ct")
         assert sent.returncode == 0, sent.stderr
         wait_until(lambda: any(s == "retry_wait" and attempts >= 2
                                for s, _, attempts in jobs(data_dir)),

@@ -8,8 +8,6 @@ copy of a UID it already holds, so reused UIDs would make the new results vanish
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,18 +15,18 @@ import pytest
 import requests
 
 from dicomnode.phantom import make_phantom_study, write_study
+from listener import STORESCU, storescu
 from nodeproc import NodeProcess, query, wait_until, write_config
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
-STORESCU = "/usr/bin/storescu"
 QUIET_SECONDS = 2
 
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
-    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists() and Path(STORESCU).exists()):
+    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists() and STORESCU.exists()):
         pytest.skip("needs Orthanc with the DICOMweb plugin and dcmtk")
     with Orthanc(tmp_path_factory.mktemp("orthanc")) as orthanc:
         yield orthanc
@@ -45,10 +43,7 @@ def start_node(work: Path, pacs: Orthanc, resent_series: str) -> NodeProcess:
 
 
 def send(node: NodeProcess, files: list[Path]) -> None:
-    run = subprocess.run(
-        [STORESCU, "-aec", "DICOMNODE", "127.0.0.1", str(node.port), *map(str, files)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"},
-    )
+    run = storescu(node.port, *files)
     assert run.returncode == 0, run.stderr
 
 

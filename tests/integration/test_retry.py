@@ -8,7 +8,6 @@ on its own).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -18,12 +17,12 @@ import pytest
 import requests
 
 from dicomnode.phantom import make_phantom_study, write_study
+from listener import STORESCU, storescu
 from nodeproc import REPO, NodeProcess, query, wait_until, write_config
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
-STORESCU = "/usr/bin/storescu"
 PASSWORD = "correct horse battery staple"
 
 
@@ -33,7 +32,7 @@ def dicomnode(config: Path, *arguments: str) -> subprocess.CompletedProcess[str]
 
 
 def test_a_failed_delivery_is_kept_with_its_reason_and_retried_on_request(tmp_path):
-    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists() and Path(STORESCU).exists()):
+    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists() and STORESCU.exists()):
         pytest.skip("needs Orthanc with the DICOMweb plugin and dcmtk")
     secret = tmp_path / "pacs-password"
     secret.write_text("wrong password\n", encoding="utf-8")
@@ -50,9 +49,7 @@ def test_a_failed_delivery_is_kept_with_its_reason_and_retried_on_request(tmp_pa
         try:
             phantom = make_phantom_study(32001, shape=(16, 64, 64), spacing=(2.5, 3.0, 3.0))
             files = write_study(phantom, tmp_path / "series")
-            sent = subprocess.run(
-                [STORESCU, "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],
-                capture_output=True, text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"})
+            sent = storescu(port, *files)
             assert sent.returncode == 0, sent.stderr
 
             jobs_db = tmp_path / "node" / "jobs.sqlite"
