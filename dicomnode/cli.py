@@ -41,6 +41,7 @@ typical use:
   dicomnode serve --config listeners/default.toml       run the DICOM listener
   dicomnode process ./ct-series --out ./results         same pipeline on a folder, no network
   dicomnode jobs                                        what the node did, with reasons
+  dicomnode cohort export --out corrections.csv         radiologists' corrections as a cohort
 """
 
 
@@ -103,6 +104,7 @@ def _read_folder(folder: Path) -> tuple[dict[tuple[str, str], list], list[str]]:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
+    from dicomnode.analyse.supplied import is_segmentation, referenced_series
     from dicomnode.pipeline import Pipeline
     from dicomnode.report import summarize_sr, summary_json
     from dicomnode.results import save
@@ -114,6 +116,12 @@ def cmd_process(args: argparse.Namespace) -> int:
         print(f"error: {folder} is not a folder", file=sys.stderr)
         return EXIT_ERROR
     series, skipped = _read_folder(folder)
+    # RTSTRUCTs and SEGs are not series to analyse: they go with the CT they were drawn on.
+    supplied = [ds for key in list(series) if is_segmentation(series[key][0])
+                for ds in series.pop(key)]
+    for ds in supplied:
+        if not referenced_series(ds) & {series_uid for _, series_uid in series}:
+            skipped.append(f"{ds.Modality} {ds.SOPInstanceUID}: references no CT series here")
     for note in skipped:
         print(f"skipped {note}", file=sys.stderr)
     if not series:
@@ -127,7 +135,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         print(f"series {series_uid} ({len(datasets)} instances)", flush=True)
         try:
             outcome = pipeline.run(
-                datasets,
+                [*datasets, *supplied],
                 uid_seed=uuid.uuid4().hex,
                 key=SeriesKey(study_uid, series_uid),
                 allow_gaps=args.allow_gaps,
@@ -194,6 +202,21 @@ def cmd_retry(args: argparse.Namespace) -> int:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return EXIT_ERROR
     print(f"job {job.id} is {job.state.value} again; a running node picks it up")
+    return EXIT_OK
+
+
+def cmd_cohort_export(args: argparse.Namespace) -> int:
+    from dicomnode.corrections import training_pairs, write_cohort
+
+    config = _load_config(args.config)
+    store = _job_store(config)
+    pairs = training_pairs(store, config.resolve(config.node.data_dir) / "results")
+    if not pairs:
+        print("no supplied or corrected segmentation yet: nothing to export", file=sys.stderr)
+        return EXIT_REFUSED
+    rows = write_cohort(pairs, Path(args.out))
+    print(f"wrote {rows} row(s) for {len(pairs)} CT series to {args.out}; train with "
+          f"`dicomnode train segmentation --cohort {args.out}`")
     return EXIT_OK
 
 
@@ -358,8 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("process", help="run the pipeline on a folder of DICOM files (no network)",
                        description="Analyse every CT series found under INPUT_DIR and write seg.dcm, sr.dcm and "
-                                   "summary.json into OUTPUT_DIR/<SeriesInstanceUID>/. Exit 0 when a report was "
-                                   "produced, 2 when the input was refused.")
+                                   "summary.json into OUTPUT_DIR/<SeriesInstanceUID>/. When INPUT_DIR also "
+                                   "holds an RTSTRUCT or a DICOM SEG drawn on a CT series, its ROIs or "
+                                   "segments are measured instead of running the model ([segmentation] "
+                                   "source); a supplied SEG gets no new SEG, an RTSTRUCT gets one. Exit 0 "
+                                   "when a report was produced, 2 when the input was refused.")
     p.add_argument("input", metavar="INPUT_DIR")
     p.add_argument("--out", "-o", required=True, metavar="OUTPUT_DIR")
     p.add_argument("--allow-gaps", action="store_true",
@@ -384,6 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB", help="job id (a unique prefix is enough)")
     config_option(p)
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("cohort", help="training cohorts from what the node received")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = csub.add_parser(
+        "export", help="write the supplied and corrected segmentations as a cohort CSV",
+        description="Every RTSTRUCT or SEG the node measured (a radiologist's contours, or a "
+        "SEG of ours corrected in a viewer and sent back) is a training pair with its CT. "
+        "This writes the newest pair of each CT series as a cohort CSV (docs/cohorts.md) "
+        "pointing at the spooled files.",
+        epilog="example: dicomnode cohort export --out corrections.csv && dicomnode train "
+        "segmentation --cohort corrections.csv --out models/segmentation-ours",
+    )
+    c.add_argument("--out", required=True, help="the cohort CSV to write")
+    config_option(c)
+    c.set_defaults(func=cmd_cohort_export)
 
     p = sub.add_parser("check-config", help="validate a listener configuration and the files it names")
     config_option(p)
@@ -414,18 +455,22 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser(
         "segmentation", help="train the lesion 3D U-Net (your cohort, phantoms, real CT)",
         description="Trains on patches with flips and intensity jitter, validates Dice after "
-        "every epoch (held-out phantoms and every 5th cohort case), keeps the best weights, "
-        "and writes a model folder the node loads (weights.pt, manifest.json, "
+        "every epoch on held-out patients (every 5th case of the cohort CSV; held-out phantoms "
+        "when phantoms are used), ships the last weights, scores every validation patient "
+        "(Dice, tumour found, false lesions) and writes a model folder the node loads (weights.pt, manifest.json, "
         "training_curve.png, MODEL_CARD.md, RECIPE.md). Uses CUDA when present.",
-        epilog="example: dicomnode train segmentation --cohort cohort.csv --phantoms 0 "
-        "--out models/segmentation-ours   (then point [segmentation] model_dir at it)",
+        epilog="example: dicomnode train segmentation --cohort cohort.csv "
+        "--out models/segmentation-ours   (then point [segmentation] model_dir at it). "
+        "The shipped model: --cohort ../shared/data/sts_cohort/cohort.csv --data-root "
+        "../shared/data (about 40 min on 2 CPU cores).",
     )
     t.add_argument("--out", default="models/segmentation")
     t.add_argument("--cohort", help="cohort CSV of CT and lesion masks (docs/cohorts.md)")
     t.add_argument("--phantoms", type=int, default=None,
-                   help="synthetic phantoms to train on as well (default: the recipe's 40)")
+                   help="synthetic phantoms to train on as well (default: the recipe's 0)")
     t.add_argument("--data-root",
-                   help="../shared/data-like folder of real CT to insert synthetic lesions into")
+                   help="../shared/data-like folder: its chest and abdomen CTs are the "
+                   "out-of-domain check (lesions reported where there is no sarcoma)")
     t.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -435,13 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
         "shipped", help="regenerate every model shipped in models/ (synthetic cohort included)",
         description="Writes the synthetic cohort, measures it (`dicomnode features`), trains "
         "the TMB and subtype DEMONSTRATION models on it (`train tmb`, `train subtypes`), checks "
-        "them on a held-out synthetic cohort, and trains the segmentation U-Net "
-        "(`train segmentation`). About 25 min on 2 CPU cores, most of it the U-Net.",
+        "them on a held-out synthetic cohort, and trains the segmentation U-Net on the real "
+        "sarcoma cohort under --data-root (`train segmentation`). About an hour on 2 CPU "
+        "cores, most of it the U-Net.",
     )
     t.add_argument("--out", default="models", help="models root (default: models)")
     t.add_argument("--work", default="var/training", help="cohorts, features and caches")
     t.add_argument("--data-root", default="../shared/data",
-                   help="real CT for the segmentation model (default: ../shared/data)")
+                   help="the sarcoma cohort (sts_cohort/cohort.csv) and out-of-domain CTs "
+                   "for the segmentation model (default: ../shared/data)")
     t.add_argument("--only", nargs="+", default=["tmb", "subtypes", "segmentation"],
                    choices=["tmb", "subtypes", "segmentation"], help="rebuild only these")
     t.add_argument("--seed", type=int, default=0)

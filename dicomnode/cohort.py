@@ -37,14 +37,22 @@ import pydicom
 import requests
 import SimpleITK as sitk
 from dicomweb_client import DICOMwebClient
-from matplotlib.path import Path as Polygon
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicomnode.assemble import assemble, functional_group
+from dicomnode.assemble import assemble
 from dicomnode.config import AssemblyConfig, DestinationConfig
 from dicomnode.deliver.stow import StowDestination, authenticated_session
-from dicomnode.errors import AssemblyError, CohortError, ConfigError
+from dicomnode.errors import AssemblyError, CohortError, ConfigError, MaskError
+from dicomnode.masks import (
+    ON_GRID_VOXELS,
+    PARALLEL,
+    ImageGrid,
+    dims_text,
+    mm_text,
+    rtstruct_mask,
+    seg_mask,
+)
 from dicomnode.types import Geometry
 
 #: Columns every cohort needs, and the optional ones :class:`CohortRow` reads by name.
@@ -56,14 +64,6 @@ DICOMWEB_PREFIX = "dicomweb:"
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-#: A mask voxel lies on an image voxel when their centres are this close (in voxels).
-_ON_GRID_VOXELS = 0.1
-#: An RTSTRUCT contour belongs to a slice when it lies this close to it (in slices).
-_ON_SLICE = 0.25
-#: Cosine above which two axes count as parallel (about 2.5 degrees).
-_PARALLEL = 0.999
-#: A FRACTIONAL SEG pixel is in the segment from this fraction of its maximum value on.
-_FRACTION_INSIDE = 0.5
 _HTTP_MEANINGS = {401: "wrong or missing credentials", 403: "not allowed", 404: "not found"}
 
 
@@ -362,26 +362,6 @@ class CaseImage:
     organ_mask: np.ndarray | None
 
 
-@dataclass(frozen=True)
-class _Image:
-    """An image and where its grid lies in patient space, for placing masks on it."""
-
-    hu: np.ndarray
-    geometry: Geometry
-    #: FrameOfReferenceUID of a DICOM image; empty for NIfTI/NRRD, which carry none.
-    frame_of_reference_uid: str
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(n) for n in self.hu.shape)  # type: ignore[return-value]
-
-    def to_index(self, points_mm: np.ndarray) -> np.ndarray:
-        """Patient positions ``(n, 3)`` as fractional ``(z, y, x)`` voxel indices."""
-        inverse = np.linalg.inv(self.geometry.affine())
-        homogeneous = np.c_[points_mm, np.ones(len(points_mm))]
-        return (homogeneous @ inverse.T)[:, :3]
-
-
 def load_case(
     row: CohortRow,
     *,
@@ -419,7 +399,7 @@ def load_case(
         if row.organ_mask is not None:
             organ = _load_mask(row.organ_mask, image, base_dir, dicomweb, None, None,
                                what="organ_mask")
-    except (CohortError, ConfigError) as exc:
+    except (CohortError, ConfigError, MaskError) as exc:
         raise CohortError(f"{row.description}: {exc}") from None
     return CaseImage(
         case_id=row.case_id,
@@ -457,7 +437,7 @@ def _fetch(text: str, dicomweb: DicomwebSource | None, what: str) -> list[Datase
 
 def _load_image(
     text: str, base_dir: Path, dicomweb: DicomwebSource | None, assembly: AssemblyConfig
-) -> _Image:
+) -> ImageGrid:
     where = f"image {text!r}"
     if text.startswith(DICOMWEB_PREFIX):
         return _assembled(_fetch(text, dicomweb, "image"), where, assembly)
@@ -469,7 +449,7 @@ def _load_image(
     return _assembled([_read_dicom(path, where)], where, assembly)
 
 
-def _assembled(datasets: Sequence[Dataset], where: str, assembly: AssemblyConfig) -> _Image:
+def _assembled(datasets: Sequence[Dataset], where: str, assembly: AssemblyConfig) -> ImageGrid:
     cts = [ds for ds in datasets if str(ds.get("Modality", "")) == "CT"]
     if not cts:
         modalities = sorted({str(ds.get("Modality", "") or "?") for ds in datasets})
@@ -478,7 +458,7 @@ def _assembled(datasets: Sequence[Dataset], where: str, assembly: AssemblyConfig
         volume = assemble(cts, assembly)
     except AssemblyError as exc:
         raise CohortError(f"{where}: {exc}") from None
-    return _Image(volume.hu, volume.geometry, volume.frame_of_reference_uid)
+    return ImageGrid(volume.hu, volume.geometry, volume.frame_of_reference_uid)
 
 
 def _ct_series_in(folder: Path, where: str) -> list[Dataset]:
@@ -551,9 +531,9 @@ def _read_volume(path: Path, where: str) -> tuple[np.ndarray, Geometry]:
     return sitk.GetArrayFromImage(image), geometry
 
 
-def _volume_image(path: Path, where: str) -> _Image:
+def _volume_image(path: Path, where: str) -> ImageGrid:
     array, geometry = _read_volume(path, where)
-    return _Image(array.astype(np.float32, copy=False), geometry, "")
+    return ImageGrid(array.astype(np.float32, copy=False), geometry, "")
 
 
 def _itk_reason(exc: Exception) -> str:
@@ -569,7 +549,7 @@ def _itk_reason(exc: Exception) -> str:
 
 def _load_mask(
     text: str,
-    image: _Image,
+    image: ImageGrid,
     base_dir: Path,
     dicomweb: DicomwebSource | None,
     roi: str | None,
@@ -606,7 +586,7 @@ def _load_mask(
 
 
 def _dicom_mask(
-    ds: Dataset, image: _Image, roi: str | None, mask_label: int | None, where: str
+    ds: Dataset, image: ImageGrid, roi: str | None, mask_label: int | None, where: str
 ) -> np.ndarray:
     if mask_label is not None:
         raise CohortError(
@@ -615,25 +595,17 @@ def _dicom_mask(
         )
     modality = str(ds.get("Modality", ""))
     if modality == "SEG":
-        return _seg_mask(ds, image, roi, where)
+        return seg_mask(ds, image, roi, where)
     if modality == "RTSTRUCT":
-        return _rtstruct_mask(ds, image, roi, where)
+        return rtstruct_mask(ds, image, roi, where)
     raise CohortError(f"{where}: a {modality or 'DICOM object without modality'} is not a "
                       "SEG or an RTSTRUCT")
-
-
-def _check_frame_of_reference(uid: str, image: _Image, where: str) -> None:
-    if uid and image.frame_of_reference_uid and uid != image.frame_of_reference_uid:
-        raise CohortError(
-            f"{where}: its frame of reference {uid} is not the image's "
-            f"({image.frame_of_reference_uid}); it was drawn on another scan"
-        )
 
 
 # ----------------------------------------------------------------------------- label maps
 
 
-def _label_map_mask(path: Path, image: _Image, label: int | None, where: str) -> np.ndarray:
+def _label_map_mask(path: Path, image: ImageGrid, label: int | None, where: str) -> np.ndarray:
     array, geometry = _read_volume(path, where)
     labels = _on_image_grid(array, geometry, image, where)
     if label is None:
@@ -654,7 +626,7 @@ def _axes(geometry: Geometry) -> np.ndarray:
                      geometry.row_direction], dtype=np.float64)
 
 
-def _on_image_grid(array: np.ndarray, geometry: Geometry, image: _Image, where: str) -> np.ndarray:
+def _on_image_grid(array: np.ndarray, geometry: Geometry, image: ImageGrid, where: str) -> np.ndarray:
     """``array`` reordered and flipped onto the image's ``(z, y, x)``, or an error.
 
     A volume converted from the same series may store its axes in another order or
@@ -662,7 +634,7 @@ def _on_image_grid(array: np.ndarray, geometry: Geometry, image: _Image, where: 
     """
     cosines = _axes(image.geometry) @ _axes(geometry).T
     order = np.argmax(np.abs(cosines), axis=1)
-    parallel = np.abs(cosines[np.arange(3), order]) >= _PARALLEL
+    parallel = np.abs(cosines[np.arange(3), order]) >= PARALLEL
     if not parallel.all() or sorted(order) != [0, 1, 2]:
         raise CohortError(
             f"{where}: its axes are rotated against the image's; resample the mask onto the "
@@ -678,203 +650,16 @@ def _on_image_grid(array: np.ndarray, geometry: Geometry, image: _Image, where: 
             origin = origin + _axes(geometry)[order[axis]] * spacing[axis] * (array.shape[axis] - 1)
     problems = []
     if array.shape != image.shape:
-        problems.append(f"size (z, y, x) {_dims(array.shape)}, image {_dims(image.shape)}")
+        problems.append(f"size (z, y, x) {dims_text(array.shape)}, image {dims_text(image.shape)}")
     if not np.allclose(spacing, image.geometry.spacing, rtol=1e-3):
-        problems.append(f"spacing {_mm(spacing)} mm, image {_mm(image.geometry.spacing)} mm")
+        problems.append(f"spacing {mm_text(spacing)} mm, image {mm_text(image.geometry.spacing)} mm")
     offset = image.to_index(origin[None, :])[0]
-    if np.abs(offset).max() > _ON_GRID_VOXELS:
-        problems.append(f"first voxel at {_mm(origin)} mm, image "
-                        f"{_mm(image.geometry.origin)} mm")
+    if np.abs(offset).max() > ON_GRID_VOXELS:
+        problems.append(f"first voxel at {mm_text(origin)} mm, image "
+                        f"{mm_text(image.geometry.origin)} mm")
     if problems:
         raise CohortError(
             f"{where}: not on the image grid ({'; '.join(problems)}); resample the mask onto "
             "the image first"
         )
     return np.ascontiguousarray(array)
-
-
-def _dims(shape: Sequence[int]) -> str:
-    return "x".join(str(int(n)) for n in shape)
-
-
-def _mm(values: Sequence[float] | np.ndarray) -> str:
-    return "(" + ", ".join(f"{float(v):.2f}" for v in values) + ")"
-
-
-# ----------------------------------------------------------------------------- DICOM SEG
-
-
-def _seg_mask(seg: Dataset, image: _Image, roi: str | None, where: str) -> np.ndarray:
-    """The chosen segments of a SEG (all when ``roi`` is None), frame by frame on the image.
-
-    Each frame is placed by its Plane Position (PS3.3 C.7.6.16.2.3), so the SEG may hold
-    only the slices its segments touch, in any order, and may belong to an image series
-    that is not DICOM (the image's NIfTI).
-    """
-    _check_frame_of_reference(str(seg.get("FrameOfReferenceUID", "")), image, where)
-    numbers = _segment_numbers(seg, roi, where)
-    kind = str(seg.get("SegmentationType", "BINARY"))
-    try:
-        frames = seg.pixel_array
-    except (AttributeError, ValueError, RuntimeError, NotImplementedError) as exc:
-        raise CohortError(f"{where}: the segmentation frames cannot be decoded ({exc})") from None
-    frames = frames.reshape(-1, int(seg.Rows), int(seg.Columns))
-    mask = np.zeros(image.shape, dtype=bool)
-    for f, pixels in enumerate(frames):
-        if kind == "LABELMAP":
-            inside = np.isin(pixels, numbers)
-        else:
-            item = functional_group(seg, f, "SegmentIdentificationSequence")
-            if item is None or int(item.ReferencedSegmentNumber) not in numbers:
-                continue
-            inside = _binary(pixels, seg, kind)
-        if inside.any():
-            origin = _frame_origin(seg, f, image, where)
-            _paste_frame(mask, inside, origin, f"{where}, frame {f + 1}")
-    return mask
-
-
-def _binary(pixels: np.ndarray, seg: Dataset, kind: str) -> np.ndarray:
-    if kind == "FRACTIONAL":
-        top = float(seg.get("MaximumFractionalValue", 255) or 255)
-        return pixels >= _FRACTION_INSIDE * top
-    return pixels != 0
-
-
-def _segment_numbers(seg: Dataset, roi: str | None, where: str) -> tuple[int, ...]:
-    """Segment numbers chosen by label (exact, else ignoring case) or number; all for None."""
-    segments = {
-        int(item.SegmentNumber): str(item.get("SegmentLabel", ""))
-        for item in seg.get("SegmentSequence", [])
-        if int(item.SegmentNumber) > 0  # 0 is a LABELMAP's background
-    }
-    if roi is None:
-        return tuple(segments)
-    for matches in (lambda label: label == roi, lambda label: label.lower() == roi.lower()):
-        chosen = tuple(n for n, label in segments.items() if matches(label))
-        if chosen:
-            return chosen
-    if roi.isdigit() and int(roi) in segments:
-        return (int(roi),)
-    listed = ", ".join(f"{n} {label!r}" for n, label in segments.items())
-    raise CohortError(f"{where}: no segment labelled or numbered {roi!r} (segments: {listed})")
-
-
-def _frame_origin(seg: Dataset, frame: int, image: _Image, where: str) -> tuple[int, int, int]:
-    """The image voxel ``(z, y, x)`` of a frame's first pixel; the frame must lie on the grid."""
-    here = f"{where}, frame {frame + 1}"
-    position = functional_group(seg, frame, "PlanePositionSequence")
-    orientation = functional_group(seg, frame, "PlaneOrientationSequence")
-    measures = functional_group(seg, frame, "PixelMeasuresSequence")
-    if position is None or orientation is None or measures is None:
-        raise CohortError(
-            f"{here}: no Plane Position, Plane Orientation or Pixel Measures; the frame "
-            "cannot be placed on the image"
-        )
-    cosines = np.asarray(orientation.ImageOrientationPatient, dtype=np.float64)
-    spacing = np.asarray(measures.PixelSpacing, dtype=np.float64)
-    same_axes = (cosines[:3] @ image.geometry.row_direction >= _PARALLEL
-                 and cosines[3:] @ image.geometry.column_direction >= _PARALLEL)
-    if not same_axes or not np.allclose(spacing, image.geometry.spacing[1:], rtol=1e-3):
-        raise CohortError(
-            f"{here}: its rows, columns or pixel spacing ({_mm(spacing)} mm) differ from "
-            f"the image's ({_mm(image.geometry.spacing[1:])} mm); the SEG was made on "
-            "another grid"
-        )
-    index = image.to_index(np.asarray(position.ImagePositionPatient, dtype=np.float64)[None])[0]
-    if np.abs(index - np.round(index)).max() > _ON_GRID_VOXELS:
-        raise CohortError(
-            f"{here}: at {_mm(position.ImagePositionPatient)} mm it falls between the image's "
-            f"voxels (voxel index {_mm(index)}); the SEG was made on another grid"
-        )
-    return tuple(int(v) for v in np.round(index))  # type: ignore[return-value]
-
-
-def _paste_frame(mask: np.ndarray, inside: np.ndarray, origin: tuple[int, int, int],
-                 where: str) -> None:
-    z, y, x = origin
-    rows, columns = inside.shape
-    if not (0 <= z < mask.shape[0] and 0 <= y and y + rows <= mask.shape[1]
-            and 0 <= x and x + columns <= mask.shape[2]):
-        raise CohortError(
-            f"{where}: lies outside the image (slice {z}, rows {y}..{y + rows - 1}, columns "
-            f"{x}..{x + columns - 1} of a {_dims(mask.shape)} image)"
-        )
-    mask[z, y:y + rows, x:x + columns] |= inside
-
-
-# ----------------------------------------------------------------------------- RTSTRUCT
-
-
-def _rtstruct_mask(rs: Dataset, image: _Image, roi: str | None, where: str) -> np.ndarray:
-    """The chosen ROI's closed planar contours filled on the image's slices.
-
-    A voxel is inside when its centre is inside an odd number of the slice's contours
-    (even-odd rule): an inner contour cuts a hole, as PS3.3 C.8.8.6.3 intends.
-    """
-    names = {int(item.ROINumber): str(item.get("ROIName", ""))
-             for item in rs.get("StructureSetROISequence", [])}
-    number = _roi_number(names, roi, where)
-    for item in rs.get("StructureSetROISequence", []):
-        if int(item.ROINumber) == number:
-            _check_frame_of_reference(str(item.get("ReferencedFrameOfReferenceUID", "")),
-                                      image, where)
-    contours = [
-        contour
-        for item in rs.get("ROIContourSequence", [])
-        if int(item.ReferencedROINumber) == number
-        for contour in item.get("ContourSequence", [])
-        if str(contour.get("ContourGeometricType", "")) == "CLOSED_PLANAR"
-    ]
-    if not contours:
-        raise CohortError(f"{where}: ROI {names[number]!r} has no closed planar contour")
-    mask = np.zeros(image.shape, dtype=bool)
-    for k, contour in enumerate(contours, start=1):
-        points = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
-        z, filled = _fill_contour(image.to_index(points), image.shape, f"{where}, contour {k}")
-        mask[z] ^= filled
-    return mask
-
-
-def _roi_number(names: dict[int, str], roi: str | None, where: str) -> int:
-    """The ROI named ``roi`` (exact, else ignoring case); the only ROI when ``roi`` is None."""
-    listed = ", ".join(repr(n) for n in names.values()) or "none"
-    if roi is None:
-        if len(names) == 1:
-            return next(iter(names))
-        raise CohortError(f"{where}: the structure set holds {len(names)} ROIs ({listed}); "
-                          "name one in the roi column")
-    for matches in (lambda name: name == roi, lambda name: name.lower() == roi.lower()):
-        chosen = [n for n, name in names.items() if matches(name)]
-        if len(chosen) == 1:
-            return chosen[0]
-        if len(chosen) > 1:
-            raise CohortError(f"{where}: {len(chosen)} ROIs are named {roi!r}")
-    raise CohortError(f"{where}: no ROI named {roi!r} (ROIs: {listed})")
-
-
-def _fill_contour(
-    index: np.ndarray, shape: tuple[int, int, int], where: str
-) -> tuple[int, np.ndarray]:
-    """The slice a contour lies on, and the ``(y, x)`` pixels whose centre it encloses."""
-    z = float(np.median(index[:, 0]))
-    k = round(z)
-    if np.abs(index[:, 0] - k).max() > _ON_SLICE:
-        raise CohortError(
-            f"{where}: it does not lie on a slice of the image (slice index "
-            f"{index[:, 0].min():.2f} to {index[:, 0].max():.2f}); the structure set was "
-            "drawn on another series"
-        )
-    if not 0 <= k < shape[0]:
-        raise CohortError(f"{where}: it lies on slice {k}, outside the image's {shape[0]} slices")
-    filled = np.zeros(shape[1:], dtype=bool)
-    # Only pixels in the contour's bounding box (clipped to the image) can be inside it.
-    low = np.maximum(np.floor(index[:, 1:].min(axis=0)).astype(int), 0)
-    high = np.minimum(np.ceil(index[:, 1:].max(axis=0)).astype(int) + 1, shape[1:])
-    if np.any(high <= low):
-        return k, filled
-    ys, xs = np.mgrid[low[0]:high[0], low[1]:high[1]]
-    polygon = Polygon(index[:, [2, 1]])  # matplotlib wants (x, y)
-    inside = polygon.contains_points(np.c_[xs.ravel(), ys.ravel()])
-    filled[low[0]:high[0], low[1]:high[1]] = inside.reshape(ys.shape)
-    return k, filled

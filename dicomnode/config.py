@@ -138,14 +138,55 @@ class AssemblyConfig:
 
 @dataclass(frozen=True)
 class SegmentationConfig:
+    """How lesions are found; the single place for the segmenter's defaults.
+
+    A voxel is lesion where the model's probability reaches ``probability_threshold``; lesions
+    are its 3D connected components. A lesion's confidence is the mean probability inside it.
+    The false-positive controls below are ours (no paper fixes them); the shipped defaults
+    were chosen on the training patients only (``models/segmentation/MODEL_CARD.md``).
+    """
+
     model_dir: Path = Path("models/segmentation")
+    #: Where the lesions come from: "model" (always ours), "supplied" (only an RTSTRUCT or SEG
+    #: that references the CT: a radiologist's own contours; a CT without one waits for it),
+    #: or "auto" (the supplied one when there is one, else the model).
+    source: Literal["auto", "model", "supplied"] = "auto"
+    #: Another segmenter, as "package.module:factory": ``factory(section, config)`` returns an
+    #: object with ``info`` and ``segment(volume) -> LabelVolume``
+    #: (:class:`dicomnode.analyse.segment.LesionSource`). Empty: the U-Net in ``model_dir``.
+    plugin: str = ""
     #: "auto" picks CUDA when present, else CPU.
     device: str = "auto"
     #: Components smaller than this (ml) are dropped.
-    min_lesion_ml: float = 0.5
+    min_lesion_ml: float = 1.0
     probability_threshold: float = 0.5
+    #: Components whose mean probability is below this are dropped.
+    min_confidence: float = 0.75
+    #: Keep at most this many lesions, the most confident first (0: no limit).
+    max_lesions: int = 0
+    #: Look for lesions only inside the body (the largest connected region above -500 HU,
+    #: holes filled slice by slice): nothing in the air, on the table or in the blankets.
+    body_only: bool = True
     sw_batch_size: int = 2
     overlap: float = 0.25
+
+    def __post_init__(self) -> None:
+        for key in ("probability_threshold", "min_confidence"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"segmentation.{key}: must lie in [0, 1), "
+                                  f"got {getattr(self, key)}")
+        if self.min_lesion_ml < 0:
+            raise ConfigError(f"segmentation.min_lesion_ml: must be >= 0, got {self.min_lesion_ml}")
+        if self.max_lesions < 0:
+            raise ConfigError(f"segmentation.max_lesions: must be >= 0 (0: no limit), "
+                              f"got {self.max_lesions}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"segmentation.overlap: must lie in [0, 1), got {self.overlap}")
+        if self.sw_batch_size < 1:
+            raise ConfigError(f"segmentation.sw_batch_size: must be >= 1, got {self.sw_batch_size}")
+        if self.plugin and self.plugin.count(":") != 1:
+            raise ConfigError(f"segmentation.plugin: expected 'package.module:factory', "
+                              f"got {self.plugin!r}")
 
 
 @dataclass(frozen=True)

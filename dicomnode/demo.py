@@ -1,9 +1,12 @@
 """``dicomnode demo``: the whole flow on this machine, in a few minutes, with nothing to set up.
 
-A synthetic CT study with known lesions is made, a listener starts on a free loopback port
-with a folder destination, the study is sent to it by C-STORE, and the demo waits for the job
-while showing its progress; then it prints where the SEG and SR are, a readable summary of the
-SR, and how well the SEG matches the lesions the phantom really has (Dice).
+The study is a real sarcoma CT the shipped segmentation model never trained on (a validation
+patient of ``../shared/data/sts_cohort``, with the clinician's contour as the truth) when that
+folder is there, else a synthetic CT with known lesions (which lie outside the model's domain:
+expect few or none to be found). A listener starts on a free loopback port with a folder
+destination, the study is sent to it by C-STORE, and the demo waits for the job while showing
+its progress; then it prints where the SEG and SR are, a readable summary of the SR, and how
+well the SEG matches the truth (Dice).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -21,12 +25,50 @@ from pydicom import Dataset
 from dicomnode.config import Config, DestinationConfig, NodeConfig, home, load
 from dicomnode.deliver import make_destination
 from dicomnode.jobs.machine import FINAL_STATES, JobState
-from dicomnode.phantom import make_phantom_study, write_study
+from dicomnode.phantom import make_phantom_study
 from dicomnode.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 DEMO_AE = "DICOMNODE"
+#: A validation patient of the shipped segmentation model (never trained on), relative to home.
+DEMO_PATIENT = Path("..") / "shared" / "data" / "sts_cohort" / "STS_006"
+
+
+@dataclass(frozen=True)
+class DemoStudy:
+    """What the demo sends, and the truth its SEG is scored against."""
+
+    description: str
+    datasets: tuple[Dataset, ...]
+    truth: np.ndarray  # (z, y, x) bool, slices in the order of ``slice_uids``
+    slice_uids: tuple[str, ...]
+    truth_name: str
+
+
+def real_patient_study(folder: Path) -> DemoStudy:
+    """A sarcoma patient's CT (JPEG-LS, as the PACS stores it) and the clinician's GTV."""
+    import pydicom
+
+    from dicomnode.assemble import assemble
+    from dicomnode.cohort import CohortRow, load_case
+
+    images = sorted((folder / "CT" / "image").glob("*.dcm"))
+    datasets = tuple(pydicom.dcmread(p) for p in images)
+    row = CohortRow(case_id=folder.name, image=str(folder / "CT" / "image"),
+                    mask=str(folder / "CT" / "rtstruct" / "RS.dcm"), roi="GTV_Mass_CT",
+                    mask_label=None, organ_mask=None, targets={}, line=0)
+    case = load_case(row, base_dir=folder)
+    order = tuple(ds.SOPInstanceUID for ds in assemble(list(datasets)).sources)
+    return DemoStudy(f"real sarcoma CT {folder.name} (a patient the model never trained on)",
+                     datasets, case.mask, order, "the clinician's tumour contour (GTV)")
+
+
+def phantom_study(seed: int) -> DemoStudy:
+    phantom = make_phantom_study(seed)
+    return DemoStudy("synthetic CT with known lesions (outside the shipped model's domain)",
+                     tuple(phantom.datasets), phantom.lesion_mask,
+                     tuple(ds.SOPInstanceUID for ds in phantom.datasets), "the phantom's lesions")
 
 
 def seg_mask(seg: Dataset, source_uids: Sequence[str]) -> np.ndarray:
@@ -71,11 +113,11 @@ def run_demo(out: Path, *, seed: int = 10001) -> int:
         shutil.rmtree(out)
     step = _Steps(started)
 
-    step("making a synthetic CT study with known lesions")
-    phantom = make_phantom_study(seed)
-    write_study(phantom, out / "input")
-    shape = phantom.hu.shape
-    step(f"  {shape[0]} slices of {shape[1]}x{shape[2]}, {len(phantom.lesion_labels)} lesion(s); files in {out / 'input'}")
+    patient = home() / DEMO_PATIENT
+    study = real_patient_study(patient) if patient.is_dir() else phantom_study(seed)
+    step(f"the study: {study.description}")
+    first = study.datasets[0]
+    step(f"  {len(study.datasets)} slices of {first.Rows}x{first.Columns}")
 
     config = demo_config(out)
     step("loading the models (3D U-Net, radiomics protocol, XGBoost TMB, subtypes)")
@@ -87,11 +129,11 @@ def run_demo(out: Path, *, seed: int = 10001) -> int:
         sender = make_destination(DestinationConfig(
             kind="cstore", name="demo-sender", ae_title=config.node.ae_title, host="127.0.0.1", port=node.port,
         ))
-        result = sender.send(list(phantom.datasets))
+        result = sender.send(list(study.datasets))
         if not result.ok:
             step(f"sending failed: {result.error or result.outcomes}")
             return 1
-        step(f"  {len(phantom.datasets)} instances acknowledged (each fsynced to the spool first)")
+        step(f"  {len(study.datasets)} instances acknowledged (each fsynced to the spool first)")
         step(f"waiting for the series to complete ({config.completion.quiet_seconds:g} s of quiet) and the job to run")
         job = _wait_for_job(node, step, timeout=600)
     finally:
@@ -107,12 +149,13 @@ def run_demo(out: Path, *, seed: int = 10001) -> int:
     print()
     print(summarize_sr(sr))
     print()
+    found = 0
     if (folder / "seg.dcm").exists():
-        uids = [ds.SOPInstanceUID for ds in phantom.datasets]
-        score = dice(seg_mask(pydicom.dcmread(folder / "seg.dcm"), uids), phantom.lesion_mask)
-        print(f"Dice of the SEG against the phantom's true lesions: {score:.3f}")
-    found = len(pydicom.dcmread(folder / "seg.dcm").SegmentSequence) if (folder / "seg.dcm").exists() else 0
-    print(f"Lesions: {len(phantom.lesion_labels)} in the phantom, {found} found by the model")
+        seg = pydicom.dcmread(folder / "seg.dcm")
+        score = dice(seg_mask(seg, study.slice_uids), study.truth)
+        found = len(seg.SegmentSequence)
+        print(f"Dice of the SEG against {study.truth_name}: {score:.3f}")
+    print(f"Lesions found by the model: {found}")
     print(f"Delivered to the folder destination {out / 'results'}:")
     for path in sorted((out / "results").rglob("*.dcm")):
         print(f"  {pydicom.dcmread(path, stop_before_pixels=True).Modality:<4} {path}")

@@ -34,6 +34,11 @@ class AssemblyError(InputRejected):
     """A series cannot be assembled into a volume; the message says why."""
 
 
+class MaskError(InputRejected):
+    """A SEG or RTSTRUCT cannot be placed on its CT: another grid, another frame of
+    reference, a missing segment or ROI; the message says which."""
+
+
 class ModelError(DicomNodeError):
     """A model file is missing or does not match what the node expects."""
 

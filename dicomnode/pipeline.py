@@ -16,11 +16,13 @@ from pydicom import Dataset
 
 from dicomnode.analyse.measure import Measurer
 from dicomnode.analyse.predict import Predictor
-from dicomnode.analyse.segment import Segmenter
+from dicomnode.analyse.segment import LesionSource, make_lesion_source
+from dicomnode.analyse.supplied import is_segmentation, newest_for_series, supplied_segmentation
 from dicomnode.assemble import assemble
 from dicomnode.config import Config
+from dicomnode.errors import InputRejected
 from dicomnode.report import SrTemplate, build_reports, load_template
-from dicomnode.types import Analysis, ReportSet, SeriesKey, Volume
+from dicomnode.types import Analysis, LabelVolume, ReportSet, SeriesKey, Volume
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class Pipeline:
         self,
         config: Config,
         *,
-        segmenter: Segmenter,
+        segmenter: LesionSource,
         measurer: Measurer,
         predictor: Predictor,
         template: SrTemplate,
@@ -64,7 +66,7 @@ class Pipeline:
         """Load every model and the SR template named by ``config`` (the expensive part)."""
         return cls(
             config,
-            segmenter=Segmenter.from_config(config.segmentation, config),
+            segmenter=make_lesion_source(config.segmentation, config),
             measurer=Measurer.from_config(config),
             predictor=Predictor.from_config(config.prediction, config),
             template=load_template(config.resolve(config.report.template_file)),
@@ -75,11 +77,14 @@ class Pipeline:
     ) -> Volume:
         return assemble(datasets, self.config.assembly, key=key, allow_gaps=allow_gaps)
 
-    def analyse(self, volume: Volume, progress: Progress = _quiet) -> tuple[Analysis, dict[str, float]]:
+    def analyse(
+        self, volume: Volume, progress: Progress = _quiet, supplied: Dataset | None = None
+    ) -> tuple[Analysis, dict[str, float]]:
+        """Segment (or take the ``supplied`` RTSTRUCT/SEG, see ``[segmentation] source``),
+        measure and predict."""
         seconds: dict[str, float] = {}
         started = time.perf_counter()
-        progress(f"segmenting {volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]}")
-        segmentation = self.segmenter.segment(volume)
+        segmentation, warnings = self._segmentation(volume, supplied, progress)
         seconds["segment"] = time.perf_counter() - started
         n = len(segmentation.lesions)
         progress(f"measuring {n} lesion(s)" if n else "no lesion found")
@@ -89,19 +94,36 @@ class Pipeline:
         started = time.perf_counter()
         predictions = self.predictor.predict(features) if n else ()
         seconds["predict"] = time.perf_counter() - started
+        models = self.predictor.models if segmentation.supplied else (
+            self.segmenter.info, *self.predictor.models)
         analysis = Analysis(
             volume=volume,
             segmentation=segmentation,
             features=tuple(features),
             predictions=tuple(predictions),
-            models=(self.segmenter.info, *self.predictor.models),
-            warnings=volume.warnings,
+            models=tuple(models),
+            warnings=(*volume.warnings, *warnings),
         )
         return analysis, seconds
 
-    def report(self, analysis: Analysis, uid_seed: str) -> ReportSet:
+    def _segmentation(
+        self, volume: Volume, supplied: Dataset | None, progress: Progress
+    ) -> tuple[LabelVolume, tuple[str, ...]]:
+        source = self.config.segmentation.source
+        if supplied is not None and source != "model":
+            progress(f"measuring the supplied {supplied.Modality} instead of running the model")
+            return supplied_segmentation(supplied, volume)
+        if source == "supplied":
+            raise InputRejected("no RTSTRUCT or SEG references this CT series, and "
+                                "[segmentation] source = \"supplied\" measures only those")
+        progress(f"segmenting {volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]}")
+        return self.segmenter.segment(volume), ()
+
+    def report(self, analysis: Analysis, uid_seed: str,
+               predecessors: Sequence[Dataset] = ()) -> ReportSet:
         return build_reports(
-            analysis, template=self.template, config=self.config.report, uid_seed=uid_seed
+            analysis, template=self.template, config=self.config.report, uid_seed=uid_seed,
+            predecessors=predecessors,
         )
 
     def run(
@@ -112,16 +134,25 @@ class Pipeline:
         key: SeriesKey | None = None,
         allow_gaps: bool = False,
         progress: Progress = _quiet,
+        predecessors: Sequence[Dataset] = (),
     ) -> Outcome:
-        """The whole core for one series; raises a :class:`~dicomnode.errors.DicomNodeError` on refusal."""
-        progress(f"assembling {len(datasets)} instance(s)")
+        """The whole core for one series; raises a :class:`~dicomnode.errors.DicomNodeError` on refusal.
+
+        ``datasets`` are the CT's instances, and may also hold RTSTRUCTs or SEGs drawn on it
+        (the newest one that references the series is measured, see ``[segmentation] source``).
+        ``predecessors`` are earlier SRs this report replaces.
+        """
+        ct = [ds for ds in datasets if not is_segmentation(ds)]
+        progress(f"assembling {len(ct)} instance(s)")
         started = time.perf_counter()
-        volume = self.assemble(datasets, key=key, allow_gaps=allow_gaps)
+        volume = self.assemble(ct, key=key, allow_gaps=allow_gaps)
         assembled = time.perf_counter() - started
-        analysis, seconds = self.analyse(volume, progress)
+        supplied = newest_for_series([ds for ds in datasets if is_segmentation(ds)],
+                                     volume.key.series_uid)
+        analysis, seconds = self.analyse(volume, progress, supplied)
         progress("writing DICOM SEG and TID 1500 SR")
         started = time.perf_counter()
-        reports = self.report(analysis, uid_seed)
+        reports = self.report(analysis, uid_seed, predecessors)
         seconds = {"assemble": assembled, **seconds, "report": time.perf_counter() - started}
         log.info(
             "series analysed: %d lesion(s); %s",

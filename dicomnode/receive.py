@@ -8,6 +8,9 @@ What it offers (PS3.4 Annex A and B, negotiated per PS3.8 9.3):
   Endian, JPEG Baseline and Extended, JPEG Lossless (process 14 and SV1), JPEG-LS lossless and
   near-lossless, JPEG 2000 lossless and lossy, RLE Lossless. Instances are stored as received,
   so accepting a syntax costs nothing here; decoding happens later, in assembly;
+- Segmentation Storage and RT Structure Set Storage (Explicit and Implicit VR Little Endian and
+  the rest), unless ``[segmentation] source = "model"``: a radiologist's own contours, or our
+  SEG corrected in a viewer, measured on the CT they reference (:mod:`dicomnode.analyse.supplied`);
 - with ``non_ct = "accept"``, also pynetdicom's common storage SOP classes (the same transfer
   syntaxes): stored in the spool and indexed with ``routable = false``, never processed. With
   ``non_ct = "reject"`` (the default) their presentation contexts are rejected during
@@ -108,6 +111,8 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    RTStructureSetStorage,
+    SegmentationStorage,
 )
 from pynetdicom import (
     AE,
@@ -132,6 +137,8 @@ log = logging.getLogger(__name__)
 
 #: SOP classes the pipeline processes: stored with ``routable = true``.
 CT_STORAGE_CLASSES: tuple[str, ...] = (CTImageStorage, EnhancedCTImageStorage)
+#: Segmentations drawn on a CT (measured instead of running the model): also routable.
+SEGMENTATION_STORAGE_CLASSES: tuple[str, ...] = (SegmentationStorage, RTStructureSetStorage)
 
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     ImplicitVRLittleEndian,
@@ -326,16 +333,26 @@ def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax:
     return _PREAMBLE + group_length + elements
 
 
-def storage_sop_classes(non_ct: str) -> tuple[str, ...]:
-    """Storage SOP classes offered: CT only, or CT plus pynetdicom's common storage classes."""
-    if non_ct == "reject":
+def routable_sop_classes(config: Config) -> tuple[str, ...]:
+    """SOP classes the node processes: CT, and the segmentations drawn on CT unless
+    ``[segmentation] source = "model"``."""
+    if config.segmentation.source == "model":
         return CT_STORAGE_CLASSES
+    return CT_STORAGE_CLASSES + SEGMENTATION_STORAGE_CLASSES
+
+
+def storage_sop_classes(config: Config) -> tuple[str, ...]:
+    """Storage SOP classes offered: the routable ones, plus pynetdicom's common storage
+    classes with ``non_ct = "accept"``."""
+    routable = routable_sop_classes(config)
+    if config.node.non_ct == "reject":
+        return routable
     others = tuple(
         str(cx.abstract_syntax)
         for cx in StoragePresentationContexts
-        if cx.abstract_syntax not in CT_STORAGE_CLASSES
+        if cx.abstract_syntax not in routable
     )
-    return CT_STORAGE_CLASSES + others
+    return routable + others
 
 
 def build_ae(config: Config) -> AE:
@@ -351,7 +368,7 @@ def build_ae(config: Config) -> AE:
     ae.require_called_aet = config.node.require_called_ae
     ae.require_calling_aet = list(config.node.allowed_calling_aes)
     ae.add_supported_context(VERIFICATION)
-    for sop_class in storage_sop_classes(config.node.non_ct):
+    for sop_class in storage_sop_classes(config):
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae
 
@@ -382,7 +399,8 @@ def start_listener(
     tls_context = server_tls_context(config)  # checked before anything listens
     receiver = Receiver(spool=spool, index=index, accept_callback=accept_callback,
                         min_free_bytes=int(config.node.min_free_mb * 1024 * 1024),
-                        reprocess_resent=config.completion.resent_series == "reprocess")
+                        reprocess_resent=config.completion.resent_series == "reprocess",
+                        routable=routable_sop_classes(config))
     ae = build_ae(config)
     address = (config.node.host, config.node.port)
     if tls_context is None:
@@ -607,6 +625,8 @@ class Receiver:
     reprocess_resent:
         A copy of an instance that a job already covered (identical or replaced) reopens its
         series (:meth:`~dicomnode.spool.index.Index.reopen`): it is processed again.
+    routable:
+        SOP classes indexed as routable (:func:`routable_sop_classes`); others are only kept.
     """
 
     def __init__(
@@ -618,7 +638,9 @@ class Receiver:
         clock: Callable[[], float] = time.time,
         min_free_bytes: int = 0,
         reprocess_resent: bool = False,
+        routable: tuple[str, ...] = CT_STORAGE_CLASSES,
     ) -> None:
+        self.routable = frozenset(routable)
         self.spool = spool
         self.index = index
         self.accept_callback = accept_callback
@@ -764,7 +786,7 @@ class Receiver:
             received_at=self.clock(),
             calling_ae=stats.calling_ae,
             association_id=stats.id,
-            routable=header.sop_class_uid in CT_STORAGE_CLASSES,
+            routable=header.sop_class_uid in self.routable,
             modality=header.modality,
             position_along_normal=header.position_along_normal,
             orientation=header.orientation_text,

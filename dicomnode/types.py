@@ -114,6 +114,30 @@ class Lesion:
     volume_ml: float
     centroid_mm: tuple[float, float, float]
     bbox: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (start, stop) per axis
+    #: Mean model probability inside the lesion, in [0, 1]; ``None`` when a person drew it.
+    confidence: float | None = None
+
+
+@dataclass(frozen=True)
+class SuppliedSegmentation:
+    """A segmentation the node was given (a radiologist's RTSTRUCT or SEG) instead of finding
+    the lesions itself: what the report names and references.
+
+    Lesion ``k`` of the :class:`LabelVolume` is segment (SEG) or ROI (RTSTRUCT) number
+    ``numbers[k-1]`` named ``names[k-1]``.
+    """
+
+    kind: Literal["SEG", "RTSTRUCT"]
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    #: Who or what made it, as the object says (Content Creator's Name, Operators' Name,
+    #: Manufacturer and model): never invented.
+    creator: str
+    numbers: tuple[int, ...]
+    names: tuple[str, ...]
+    #: The object's header (no pixel data), for the SR's evidence list.
+    header: "Dataset" = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -121,12 +145,14 @@ class LabelVolume:
     """Labelled lesions on the grid of a :class:`Volume`.
 
     ``labels`` is ``uint16`` ``(z, y, x)``: 0 is background, ``k`` belongs to ``lesions[k-1]``.
+    ``supplied`` is set when the lesions were drawn by someone else, not found by our model.
     """
 
     labels: np.ndarray
     lesions: tuple[Lesion, ...]
     model_name: str
     model_version: str
+    supplied: SuppliedSegmentation | None = None
 
     def mask(self, label: int) -> np.ndarray:
         return self.labels == label

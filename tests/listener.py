@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomnode.config import Config, NodeConfig
+from dicomnode.config import Config, NodeConfig, SegmentationConfig
 from dicomnode.receive import start_listener
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
@@ -37,11 +37,13 @@ def listeners(folder: Path) -> Iterator[Callable[..., Node]]:
     """Start listeners (NodeConfig options as arguments) under ``folder``; stop them after."""
     servers = []
 
-    def start(non_ct: str = "reject", **node_options: object) -> Node:
+    def start(non_ct: str = "reject", segmentation_source: str = "auto",
+              **node_options: object) -> Node:
         work = folder / f"node{len(servers)}"
         spool, index = Spool(work / "spool"), Index(work / "index.sqlite")
         config = Config(node=NodeConfig(ae_title=AE_TITLE, host="127.0.0.1", port=0,
-                                        non_ct=non_ct, **node_options))
+                                        non_ct=non_ct, **node_options),
+                        segmentation=SegmentationConfig(source=segmentation_source))
         server = start_listener(config, spool, index)
         servers.append((server, index))
         return Node(server.server_address[1], spool, index)

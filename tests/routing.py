@@ -30,6 +30,17 @@ end
 """
 
 
+# The same, with the corrections loop: radiologists' RTSTRUCTs and SEGs go to the node too.
+ROUTE_CT_AND_SEGMENTATIONS = """
+function OnStableSeries(seriesId, tags, metadata)
+  local modality = tags['Modality']
+  if modality == 'CT' or modality == 'SEG' or modality == 'RTSTRUCT' then
+    RestApiPost('/modalities/node/store', '{"Resources":["' .. seriesId .. '"],"Synchronous":false}')
+  end
+end
+"""
+
+
 def store_to_pacs(pacs: Orthanc, files: list[Path], *options: str) -> None:
     run = subprocess.run(
         [STORESCU, *options, "-aec", pacs.aet, "127.0.0.1", str(pacs.dicom_port), *map(str, files)],

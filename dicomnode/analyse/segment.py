@@ -19,18 +19,22 @@ this code::
 Inference: HU are clipped to the window and scaled to [-1, 1], the volume is resampled to the
 training spacing (with a Gaussian pre-filter where it is downsampled, against aliasing), the
 network runs over it in overlapping windows (Gaussian-weighted sliding-window inference), the
-lesion probability is resampled back to the native grid, thresholded, split into 3D connected
-components (26-connectivity), components below ``min_lesion_ml`` are dropped and the rest are
-numbered 1..N from the largest to the smallest.
+lesion probability is resampled back to the native grid and thresholded, kept only inside the
+body (``body_only``), split into 3D connected components (26-connectivity), each with its
+confidence (mean probability inside it); components below ``min_lesion_ml`` or
+``min_confidence`` are dropped, at most ``max_lesions`` of the most confident are kept
+(0: all), and they are numbered 1..N from the largest to the smallest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -40,6 +44,7 @@ from monai.networks.nets import BasicUNet, UNet
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from dicomnode.analyse.regional import body_mask
 from dicomnode.config import Config, SegmentationConfig
 from dicomnode.errors import ModelError
 from dicomnode.types import LabelVolume, Lesion, ModelInfo, Volume
@@ -47,6 +52,8 @@ from dicomnode.types import LabelVolume, Lesion, ModelInfo, Volume
 #: Network classes a manifest may name (a whitelist: the manifest never imports code).
 ARCHITECTURES: dict[str, type[torch.nn.Module]] = {"UNet": UNet, "BasicUNet": BasicUNet}
 MANIFEST_FILE = "manifest.json"
+#: HU above which a voxel may belong to the body (air and blankets lie below).
+BODY_THRESHOLD_HU = -500.0
 #: Normalised value of air (the bottom of the HU window): what padding must look like.
 PAD_VALUE = -1.0
 
@@ -182,46 +189,62 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+@runtime_checkable
+class LesionSource(Protocol):
+    """What the pipeline needs from a segmenter: the seam where another one plugs in.
+
+    :class:`Segmenter` is the shipped one; ``[segmentation] plugin = "pkg.mod:factory"``
+    names another (:func:`make_lesion_source`). ``segment`` must return labels on the grid of
+    the volume, numbered 1..N as ``lesions`` are, and must not write anything.
+    """
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def segment(self, volume: Volume) -> LabelVolume: ...
+
+
+def make_lesion_source(cfg: SegmentationConfig, config: Config) -> LesionSource:
+    """The configured segmenter: a plugin's factory, or the U-Net in ``cfg.model_dir``."""
+    if not cfg.plugin:
+        return Segmenter.from_config(cfg, config)
+    module_name, _, attribute = cfg.plugin.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"segmentation.plugin {cfg.plugin!r} cannot be loaded: {exc}") from None
+    source = factory(cfg, config)
+    if not isinstance(source, LesionSource):
+        raise ModelError(f"segmentation.plugin {cfg.plugin!r} returned {type(source).__name__}, "
+                         "which has no info and segment(volume)")
+    return source
+
+
 class Segmenter:
     """Finds lesions in CT volumes with a 3D U-Net loaded once.
 
     Build it with :meth:`load` (or :meth:`from_config`); the constructor takes an in-memory
     network, which training uses to validate the model it is fitting with this exact code.
+    ``settings`` is the ``[segmentation]`` section: threshold, false-positive controls and
+    the sliding window (:class:`~dicomnode.config.SegmentationConfig` holds every default).
     """
 
     def __init__(
         self,
         network: torch.nn.Module,
         manifest: SegmentationManifest,
-        *,
-        device: str = "auto",
-        min_lesion_ml: float = 0.5,
-        probability_threshold: float = 0.5,
-        sw_batch_size: int = 2,
-        overlap: float = 0.25,
+        settings: SegmentationConfig = SegmentationConfig(),  # noqa: B008 - frozen
     ) -> None:
-        if not 0.0 < probability_threshold < 1.0:
-            raise ModelError(f"probability_threshold must lie in (0, 1), got {probability_threshold}")
-        if not 0.0 <= overlap < 1.0:
-            raise ModelError(f"overlap must lie in [0, 1), got {overlap}")
-        self.device = pick_device(device)
+        self.settings = settings
+        self.device = pick_device(settings.device)
         self.network = network.to(self.device).eval()
         self.manifest = manifest
-        self.min_lesion_ml = min_lesion_ml
-        self.probability_threshold = probability_threshold
-        self.sw_batch_size = sw_batch_size
-        self.overlap = overlap
 
     @classmethod
     def load(
         cls,
         model_dir: Path,
-        *,
-        device: str = "auto",
-        min_lesion_ml: float = 0.5,
-        probability_threshold: float = 0.5,
-        sw_batch_size: int = 2,
-        overlap: float = 0.25,
+        settings: SegmentationConfig = SegmentationConfig(),  # noqa: B008 - frozen
     ) -> Segmenter:
         """Read ``manifest.json`` and the weights it names from ``model_dir``.
 
@@ -254,21 +277,12 @@ class Segmenter:
         except (RuntimeError, KeyError, OSError, ValueError) as exc:
             raise ModelError(f"{weights_path}: weights do not match the manifest's "
                              f"{manifest.architecture}: {str(exc).splitlines()[0]}") from None
-        return cls(network, manifest, device=device, min_lesion_ml=min_lesion_ml,
-                   probability_threshold=probability_threshold, sw_batch_size=sw_batch_size,
-                   overlap=overlap)
+        return cls(network, manifest, settings)
 
     @classmethod
     def from_config(cls, cfg: SegmentationConfig, config: Config) -> Segmenter:
         """:meth:`load` with the ``[segmentation]`` section; the model folder via ``config.resolve``."""
-        return cls.load(
-            config.resolve(cfg.model_dir),
-            device=cfg.device,
-            min_lesion_ml=cfg.min_lesion_ml,
-            probability_threshold=cfg.probability_threshold,
-            sw_batch_size=cfg.sw_batch_size,
-            overlap=cfg.overlap,
-        )
+        return cls.load(config.resolve(cfg.model_dir), cfg)
 
     @property
     def info(self) -> ModelInfo:
@@ -284,9 +298,9 @@ class Segmenter:
             logits: torch.Tensor = sliding_window_inference(  # type: ignore[assignment]
                 tensor,
                 roi_size=self.manifest.roi_size,
-                sw_batch_size=self.sw_batch_size,
+                sw_batch_size=self.settings.sw_batch_size,
                 predictor=self.network,
-                overlap=self.overlap,
+                overlap=self.settings.overlap,
                 mode="gaussian",
                 cval=PAD_VALUE,
             )
@@ -298,16 +312,29 @@ class Segmenter:
 
     def segment(self, volume: Volume) -> LabelVolume:
         """Label the lesions of ``volume`` (see the module docstring for the steps)."""
-        mask = self.probabilities(volume) >= self.probability_threshold
-        labels, lesions = label_lesions(mask, volume, self.min_lesion_ml)
+        settings = self.settings
+        probability = self.probabilities(volume)
+        mask = probability >= settings.probability_threshold
+        if settings.body_only:
+            mask &= body_mask(volume.hu, BODY_THRESHOLD_HU)
+        labels, lesions = label_lesions(
+            mask, volume, settings.min_lesion_ml, probability=probability,
+            min_confidence=settings.min_confidence, max_lesions=settings.max_lesions,
+        )
         return LabelVolume(labels=labels, lesions=lesions, model_name=self.info.name,
                            model_version=self.info.version)
 
 
 def label_lesions(
-    mask: NDArray[np.bool_], volume: Volume, min_lesion_ml: float
+    mask: NDArray[np.bool_],
+    volume: Volume,
+    min_lesion_ml: float,
+    *,
+    probability: NDArray[np.floating] | None = None,
+    min_confidence: float = 0.0,
+    max_lesions: int = 0,
 ) -> tuple[NDArray[np.uint16], tuple[Lesion, ...]]:
-    """Connected components of ``mask`` as lesions: small ones dropped, largest first.
+    """Connected components of ``mask`` as lesions, numbered 1..N from the largest.
 
     Parameters
     ----------
@@ -317,18 +344,48 @@ def label_lesions(
         Supplies the voxel size and the affine for the centroids (patient mm, PS3.3 C.7.6.2).
     min_lesion_ml:
         Components smaller than this are dropped.
+    probability:
+        The model's probability on the same grid: each lesion's confidence is its mean inside
+        the lesion. ``None`` (a mask a person drew): no confidence, no confidence filter.
+    min_confidence:
+        Components whose confidence is below this are dropped.
+    max_lesions:
+        Keep at most this many, the most confident first (0: all).
     """
     components, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
-    counts = np.bincount(components.ravel(), minlength=n + 1)[1:]
-    keep = [k + 1 for k in np.argsort(-counts, kind="stable") if counts[k] * voxel_ml >= min_lesion_ml]
+    flat = components.ravel()
+    counts = np.bincount(flat, minlength=n + 1)[1:]
+    if probability is None:
+        confidence = None
+        kept = np.flatnonzero(counts * voxel_ml >= min_lesion_ml)
+    else:
+        sums = np.bincount(flat, weights=np.asarray(probability, np.float64).ravel(),
+                           minlength=n + 1)[1:]
+        confidence = sums / np.maximum(counts, 1)
+        kept = np.flatnonzero((counts * voxel_ml >= min_lesion_ml) & (confidence >= min_confidence))
+        if max_lesions:
+            kept = kept[np.argsort(-confidence[kept], kind="stable")][:max_lesions]
+    kept = kept[np.argsort(-counts[kept], kind="stable")]
     relabel = np.zeros(n + 1, dtype=np.uint16)
-    relabel[keep] = np.arange(1, len(keep) + 1, dtype=np.uint16)
+    relabel[kept + 1] = np.arange(1, len(kept) + 1, dtype=np.uint16)
     labels = relabel[components]
+    confidences = None if confidence is None else [round(float(confidence[c]), 4) for c in kept]
+    return labels, describe_lesions(labels, volume, confidences)
+
+
+def describe_lesions(
+    labels: NDArray[np.integer], volume: Volume, confidences: Sequence[float | None] | None = None
+) -> tuple[Lesion, ...]:
+    """The :class:`Lesion` of each label 1..N of ``labels`` (every label must be present):
+    size, volume, centroid in patient mm (PS3.3 C.7.6.2) and bounding box."""
     boxes = ndimage.find_objects(labels)
+    voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
     affine = volume.geometry.affine()
     lesions = []
     for label, box in enumerate(boxes, start=1):
+        if box is None:
+            raise ValueError(f"label {label} has no voxel")
         local = np.argwhere(labels[box] == label)
         centroid = local.mean(axis=0) + [s.start for s in box]
         centre_mm = affine @ np.append(centroid, 1.0)
@@ -338,5 +395,6 @@ def label_lesions(
             volume_ml=len(local) * voxel_ml,
             centroid_mm=tuple(float(v) for v in centre_mm[:3]),  # type: ignore[arg-type]
             bbox=tuple((int(s.start), int(s.stop)) for s in box),  # type: ignore[arg-type]
+            confidence=None if confidences is None else confidences[label - 1],
         ))
-    return labels, tuple(lesions)
+    return tuple(lesions)

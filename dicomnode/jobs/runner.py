@@ -13,6 +13,7 @@ never deleted by the runner, so a failed job can be retried by a person (``dicom
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pydicom
 
+from dicomnode.analyse.supplied import SEGMENTATION_MODALITIES, is_segmentation, referenced_series
 from dicomnode.config import Config
 from dicomnode.deliver import Destination
 from dicomnode.errors import DicomNodeError, InputRejected
@@ -29,9 +31,9 @@ from dicomnode.jobs.store import Job, JobStore
 from dicomnode.pipeline import Pipeline
 from dicomnode.report import summary_json
 from dicomnode.results import load_datasets, save
-from dicomnode.series.completion import evaluate
+from dicomnode.series.completion import SeriesState, Verdict, evaluate
 from dicomnode.spool.index import Index
-from dicomnode.types import DeliveryResult
+from dicomnode.types import DeliveryResult, SeriesKey
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +83,96 @@ class Runner:
 
     # -- duty 1: completion
     def take_complete_series(self) -> list[Job]:
+        """Turn every series the completion rule calls ready into a job.
+
+        A CT series becomes a job for the model, or, when an RTSTRUCT or SEG drawn on it is
+        already here (``[segmentation] source`` "auto" or "supplied"), a job that measures
+        that. An RTSTRUCT or SEG series waits until the CT it references is complete, then
+        becomes a job of its own (a radiologist's correction of an earlier result); our own
+        SEG coming back from the PACS is recognised and left alone.
+        """
         now = self.clock()
         created = []
-        for state in self.index.pending_series():
+        pending = self.index.pending_series()
+        for state in pending:
             verdict = evaluate(state, now, self.config.completion)
             if not verdict.ready:
                 continue
-            paths = self.index.instance_paths(state.key)
-            warnings = (verdict.warning,) if verdict.warning else ()
-            job = self.jobs.create(state.key, paths, warnings=warnings, now=now)
-            self.index.mark_taken(state.key, len(paths))
-            log.info("job %s: series complete (%d instances): %s", job.id, len(paths), verdict.reason)
-            if verdict.fail:
-                job = self._move(job, JobEvent.PERMANENT_FAILURE, verdict.reason)
-                log.error("job %s failed: %s", job.id, verdict.reason)
-            created.append(job)
+            if self._is_segmentation(state.key):
+                job = self._take_supplied(state, now)
+            else:
+                job = self._take_ct(state, verdict, pending, now)
+            if job is not None:
+                created.append(job)
         return created
+
+    def _take_ct(self, state: SeriesState, verdict: Verdict, pending: Sequence[SeriesState],
+                 now: float) -> Job | None:
+        paths = self.index.instance_paths(state.key)
+        supplied: list[SeriesState] = []
+        if self.config.segmentation.source != "model":
+            supplied = [s for s in pending if self._is_segmentation(s.key)
+                        and state.key.series_uid in self._references(s.key)]
+        if not supplied and self.config.segmentation.source == "supplied":
+            self.index.mark_taken(state.key, len(paths))
+            log.info("series %s complete; waiting for an RTSTRUCT or SEG drawn on it "
+                     "([segmentation] source = supplied)", state.key.series_uid)
+            return None
+        inputs = [*paths, *(p for s in supplied for p in self.index.instance_paths(s.key))]
+        warnings = (verdict.warning,) if verdict.warning else ()
+        job = self.jobs.create(state.key, inputs, warnings=warnings, now=now)
+        self.index.mark_taken(state.key, len(paths))
+        for s in supplied:
+            self.index.mark_taken(s.key, s.instance_count)
+        log.info("job %s: series complete (%d instances%s): %s", job.id, len(paths),
+                 f", with {len(supplied)} supplied segmentation series" if supplied else "",
+                 verdict.reason)
+        if verdict.fail:
+            job = self._move(job, JobEvent.PERMANENT_FAILURE, verdict.reason)
+            log.error("job %s failed: %s", job.id, verdict.reason)
+        return job
+
+    def _take_supplied(self, state: SeriesState, now: float) -> Job | None:
+        """A job for an RTSTRUCT/SEG series once its CT is complete; ``None`` while waiting."""
+        paths = self.index.instance_paths(state.key)
+        if {self._header(p).SOPInstanceUID for p in paths} <= self._our_seg_uids():
+            self.index.mark_taken(state.key, len(paths))
+            log.info("series %s is a SEG this node wrote, back from the PACS: not measured",
+                     state.key.series_uid)
+            return None
+        cts = [ct for uid in sorted(self._references(state.key))
+               if (ct := self.index.find_series(uid)) is not None
+               and ct.instance_count and ct.new_instances == 0]
+        if not cts:
+            log.debug("series %s waits for the CT it was drawn on", state.key.series_uid)
+            return None
+        job = self.jobs.create(state.key, [*self.index.instance_paths(cts[0].key), *paths],
+                               now=now)
+        self.index.mark_taken(state.key, len(paths))
+        log.info("job %s: supplied segmentation series %s for CT series %s", job.id,
+                 state.key.series_uid, cts[0].key.series_uid)
+        return job
+
+    def _is_segmentation(self, key: SeriesKey) -> bool:
+        modalities = self.index.series_modalities(key)
+        return bool(modalities) and modalities <= set(SEGMENTATION_MODALITIES)
+
+    def _references(self, key: SeriesKey) -> set[str]:
+        return {uid for path in self.index.instance_paths(key)
+                for uid in referenced_series(self._header(path))}
+
+    @staticmethod
+    def _header(path: Path) -> pydicom.Dataset:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+
+    def _our_seg_uids(self) -> set[str]:
+        """SOP Instance UIDs of the SEGs this node wrote (from each result's summary)."""
+        uids = set()
+        for summary in self.results_root.glob("*/summary.json"):
+            seg = _read_summary(summary).get("outputs", {}).get("seg") or {}
+            if seg.get("sop_instance_uid"):
+                uids.add(seg["sop_instance_uid"])
+        return uids
 
     # -- duty 2: jobs
     def work_once(self) -> Job | None:
@@ -120,12 +196,14 @@ class Runner:
         job = self._move(job, JobEvent.START, "analysing")
         try:
             datasets = read_inputs(job.inputs)
+            ct = [ds for ds in datasets if not is_segmentation(ds)]
             outcome = self.pipeline.run(
                 datasets,
                 uid_seed=job.id,
-                key=job.key,
+                key=SeriesKey(ct[0].StudyInstanceUID, ct[0].SeriesInstanceUID) if ct else job.key,
                 allow_gaps=bool(job.warnings),
                 progress=lambda stage: log.info("job %s: %s", job.id, stage),
+                predecessors=self._earlier_reports(job, ct) if len(ct) < len(datasets) else (),
             )
         except DicomNodeError as exc:
             log.error("job %s failed: %s", job.id, exc)
@@ -141,6 +219,24 @@ class Runner:
             job, JobEvent.REPORTED, f"{lesions} lesion(s) reported",
             warnings=tuple(outcome.analysis.warnings) or job.warnings,
         )
+
+    def _earlier_reports(self, job: Job, ct: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+        """The newest SR this node delivered for the same CT series before ``job``: a
+        corrected segmentation's report replaces it (Predecessor Documents Sequence)."""
+        if not ct:
+            return []
+        series_uid = str(ct[0].SeriesInstanceUID)
+        earlier = [
+            other for other in self.jobs.all((JobState.DELIVERED,))
+            if other.id != job.id and other.created_at <= job.created_at
+            and _read_summary(self.result_folder(other) / "summary.json").get(
+                "series_instance_uid") == series_uid
+        ]
+        if not earlier:
+            return []
+        newest = max(earlier, key=lambda other: other.created_at)
+        log.info("job %s replaces the report of job %s", job.id, newest.id)
+        return [pydicom.dcmread(self.result_folder(newest) / "sr.dcm")]
 
     def _deliver(self, job: Job) -> Job:
         datasets = load_datasets(self.result_folder(job))
@@ -202,6 +298,14 @@ def read_inputs(paths: Sequence[Path]) -> list[pydicom.Dataset]:
                 f"spooled instance {path.name} cannot be read: {type(exc).__name__}: {exc}"
             ) from None
     return datasets
+
+
+def _read_summary(path: Path) -> dict:
+    """A result's summary.json, or ``{}`` when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _describe(result: DeliveryResult) -> str:

@@ -17,6 +17,7 @@ Neither summary contains the patient's name or ID.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from pydicom import Dataset
@@ -27,7 +28,7 @@ from dicomnode.report.charset import settle_character_set
 from dicomnode.report.seg import ReportUids, build_seg
 from dicomnode.report.sr import build_sr, report_warnings, summarize_sr
 from dicomnode.report.template import SrTemplate, load_template
-from dicomnode.types import Analysis, Prediction, ReportSet
+from dicomnode.types import Analysis, Prediction, ReportSet, SuppliedSegmentation
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def build_reports(
     config: ReportConfig,
     uid_seed: str,
     series_number_base: int = 900,
+    predecessors: Sequence[Dataset] = (),
 ) -> ReportSet:
     """Build the SEG and the SR of one analysis.
 
@@ -65,11 +67,15 @@ def build_reports(
         job must use a new seed, so that re-issued results never reuse a UID.
     series_number_base
         Series Number of the SEG; the SR gets the next number.
+    predecessors
+        Earlier SRs of the same series that this report replaces (Predecessor Documents).
 
     Returns
     -------
     dicomnode.types.ReportSet
-        ``seg`` is ``None`` when no lesion was found; the SR then says so.
+        ``seg`` is ``None`` when no lesion was found (the SR then says so) and when the
+        lesions were measured on a supplied SEG (the SR references that SEG's segments); a
+        supplied RTSTRUCT gets a SEG, so that viewers can show it.
 
     Raises
     ------
@@ -78,22 +84,25 @@ def build_reports(
     """
     labels = tuple(lesion.label for lesion in analysis.segmentation.lesions)
     uids = ReportUids.derive(uid_seed, labels)
+    supplied = analysis.segmentation.supplied
     seg = None
-    if labels:
+    if labels and (supplied is None or supplied.kind != "SEG"):
         seg = build_seg(
             analysis, template=template, config=config, uids=uids, series_number=series_number_base
         )
     sr = build_sr(
         analysis,
-        seg=seg,
+        seg=seg if seg is not None or not labels or supplied is None else supplied.header,
         template=template,
         config=config,
         uids=uids,
         series_number=series_number_base + 1,
+        predecessors=predecessors,
     )
     outputs = [ds for ds in (seg, sr) if ds is not None]
     for ds in outputs:
         fit_inherited_values(ds)
+        complete_deidentification_method(ds)
     settle_character_set(outputs, analysis.volume.sources[0])
     return ReportSet(sr=sr, seg=seg)
 
@@ -124,6 +133,27 @@ def fit_inherited_values(ds: Dataset) -> None:
                                           fitted if element.VM > 1 else fitted[0])
 
 
+#: DeidentificationMethod written when the source says "de-identified" but not how (LO, 64).
+UNSTATED_DEIDENTIFICATION = "Not stated in the source images (PatientIdentityRemoved YES)"
+
+
+def complete_deidentification_method(ds: Dataset) -> None:
+    """Satisfy the Patient Module's Type 1C condition that the source itself broke.
+
+    Public archives (TCIA among them) ship CT with PatientIdentityRemoved YES and neither
+    DeidentificationMethod nor its code sequence; copied into the SEG and SR that is invalid
+    (PS3.3 C.7.1.1). We say that the method was not stated instead of guessing one, and
+    write nothing about the patient.
+    """
+    if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
+        return
+    if ds.get("DeidentificationMethod") or ds.get("DeidentificationMethodCodeSequence"):
+        return
+    log.warning("the source says PatientIdentityRemoved YES without a method: the outputs "
+                "state that the method was not given")
+    ds.DeidentificationMethod = UNSTATED_DEIDENTIFICATION
+
+
 def summary_json(analysis: Analysis, reports: ReportSet) -> dict[str, Any]:
     """The JSON-serialisable summary of one result (written as ``summary.json``).
 
@@ -138,6 +168,7 @@ def summary_json(analysis: Analysis, reports: ReportSet) -> dict[str, Any]:
             {
                 "label": int(lesion.label),
                 "volume_ml": round(float(lesion.volume_ml), 3),
+                "confidence": lesion.confidence,
                 "centroid_mm": [round(float(c), 2) for c in lesion.centroid_mm],
                 **_prediction_summary(predictions.get(lesion.label)),
             }
@@ -147,6 +178,7 @@ def summary_json(analysis: Analysis, reports: ReportSet) -> dict[str, Any]:
             {"name": m.name, "version": m.version, "family": m.family} for m in analysis.models
         ],
         "warnings": list(report_warnings(analysis)),
+        "segmentation_source": _supplied_summary(analysis.segmentation.supplied),
         "outputs": {
             "seg": _object_uids(reports.seg),
             "sr": _object_uids(reports.sr),
@@ -167,6 +199,16 @@ def _prediction_summary(prediction: Prediction | None) -> dict[str, Any]:
             "meaning": prediction.subtype.meaning,
         },
     }
+
+
+def _supplied_summary(supplied: SuppliedSegmentation | None) -> dict[str, Any]:
+    """Where the lesions came from: the model, or a supplied RTSTRUCT/SEG (with its ROIs or
+    segments, lesion k being ``numbers[k-1]``)."""
+    if supplied is None:
+        return {"kind": "model"}
+    return {"kind": supplied.kind, "sop_instance_uid": supplied.sop_instance_uid,
+            "series_instance_uid": supplied.series_uid, "creator": supplied.creator,
+            "numbers": list(supplied.numbers), "names": list(supplied.names)}
 
 
 def _object_uids(ds: Dataset | None) -> dict[str, str] | None:

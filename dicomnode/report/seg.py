@@ -103,7 +103,7 @@ def build_seg(
             device_serial_number=config.device_observer_name,
             series_description=template.seg_series_description,
             content_label=CONTENT_LABEL,
-            content_description=f"{len(segmentation.lesions)} lesion(s), {segmentation.model_name}",
+            content_description=f"{len(segmentation.lesions)} lesion(s), {segmentation.model_name}"[:64],
             institution_name=config.institution_name or None,
             # Frames without any lesion carry no information; omitting them keeps the SEG small.
             omit_empty_frames=True,
@@ -146,14 +146,17 @@ def _label_frames(volume: Volume, labels: np.ndarray) -> np.ndarray:
 def _segment_description(
     label: int, segmentation: LabelVolume, template: SrTemplate, uids: ReportUids
 ) -> hd.seg.SegmentDescription:
-    """PS3.3 C.8.20.2 Segment Description: AUTOMATIC, with the segmentation model's identity."""
+    """PS3.3 C.8.20.2 Segment Description: AUTOMATIC with the segmentation model's identity,
+    or MANUAL for contours a person drew (a supplied RTSTRUCT)."""
+    manual = segmentation.supplied is not None
     return hd.seg.SegmentDescription(
         segment_number=label,
         segment_label=template.lesion_name(label),
         segmented_property_category=template.finding_category,
         segmented_property_type=template.finding_type,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
+        algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.MANUAL if manual
+                        else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC),
+        algorithm_identification=None if manual else hd.AlgorithmIdentificationSequence(
             name=segmentation.model_name,
             family=template.algorithm_family,
             version=segmentation.model_version,

@@ -14,6 +14,7 @@ Content tree (PS3.16 TID 1500, TID 1411, TID 300, TID 4019, TID 4108)::
           IMAGE Referenced Segment k of the SEG, source series = the CT
           Algorithm Identification (segmentation model)               TID 4019
           NUM Volume (cm3)                                            TID 300
+          NUM Certainty of Finding (%): the segmenter's confidence    only for model lesions
           NUM Probability of TMB high (no units) + its algorithm and threshold
           CODE TMB [Interpretation] = High | Low (LOINC)
           CODE Imaging subtype = private code (99DICOMNODE)
@@ -52,7 +53,7 @@ from dicomnode.errors import ReportError
 from dicomnode.report.charset import source_character_set
 from dicomnode.report.seg import ReportUids
 from dicomnode.report.template import SrTemplate
-from dicomnode.types import Analysis, Lesion, ModelInfo, Prediction
+from dicomnode.types import Analysis, Lesion, ModelInfo, Prediction, SuppliedSegmentation
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def build_sr(
     config: ReportConfig,
     uids: ReportUids,
     series_number: int,
+    predecessors: Sequence[Dataset] = (),
 ) -> hd.sr.ComprehensiveSR:
     """Build the Comprehensive SR of ``analysis`` in memory.
 
@@ -79,7 +81,8 @@ def build_sr(
     analysis
         The analysed series; with no lesion the report says so and ``seg`` must be ``None``.
     seg
-        The SEG built for the same analysis (its segments are referenced per lesion).
+        The SEG whose segments the lesion groups reference: the one built for this analysis,
+        or the supplied SEG the lesions were measured on (its own segment numbers).
     template
         Codes, units and texts of the report.
     config
@@ -88,6 +91,9 @@ def build_sr(
         Series, instance and tracking UIDs (tracking UIDs equal the SEG's).
     series_number
         Series Number of the SR series.
+    predecessors
+        Earlier SRs this one replaces (a corrected segmentation was measured): listed in the
+        Predecessor Documents Sequence (PS3.3 C.17.2.3).
 
     Raises
     ------
@@ -104,7 +110,9 @@ def build_sr(
         else []
     )
     root = _measurement_report(analysis, groups, template, config)
-    evidence = [*analysis.volume.sources, *([seg] if seg is not None else [])]
+    supplied = analysis.segmentation.supplied
+    evidence = [*analysis.volume.sources, *([seg] if seg is not None else []),
+                *([supplied.header] if supplied is not None and supplied.kind == "RTSTRUCT" else [])]
     try:
         return hd.sr.ComprehensiveSR(
             evidence=evidence,
@@ -124,6 +132,7 @@ def build_sr(
             is_final=False,
             is_verified=False,
             coding_schemes=_coding_schemes(template),
+            previous_versions=list(predecessors) or None,
             # As in the SEG: settled after building (dicomnode.report.charset).
             specific_character_set=source_character_set(analysis.volume.sources[0])[0],
         )
@@ -233,11 +242,28 @@ def _measurement_group(
             unit=template.volume_unit,
         )
     ]
+    if lesion.confidence is not None:
+        measurements.append(hd.sr.Measurement(
+            name=template.confidence,
+            value=round(float(lesion.confidence) * template.confidence_scale, 2),
+            unit=template.confidence_unit,
+        ))
     evaluations: list[hd.sr.QualitativeEvaluation] = []
     if prediction is not None:
         measurements.append(_tmb_probability(prediction, analysis.models, template))
         evaluations = _predicted_classes(prediction, template)
     segmentation = analysis.segmentation
+    supplied = segmentation.supplied
+    referenced_number = label
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=segmentation.model_name,
+        version=segmentation.model_version,
+        family=template.algorithm_family,
+    )
+    if supplied is not None:  # drawn by a person or another tool: no algorithm of ours
+        algorithm = None
+        if supplied.kind == "SEG":
+            referenced_number = supplied.numbers[label - 1]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.tracking[label], identifier=template.lesion_name(label)
@@ -246,16 +272,12 @@ def _measurement_group(
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=label,
+            segment_number=referenced_number,
             source_series=hd.sr.SourceSeriesForSegmentation(analysis.volume.key.series_uid),
         ),
         finding_category=template.finding_category,
         finding_type=template.finding_type,
-        algorithm_id=hd.sr.AlgorithmIdentification(
-            name=segmentation.model_name,
-            version=segmentation.model_version,
-            family=template.algorithm_family,
-        ),
+        algorithm_id=algorithm,
         measurements=measurements,
         qualitative_evaluations=evaluations,
     )
@@ -321,6 +343,9 @@ def _qualitative_evaluations(analysis: Analysis, template: SrTemplate) -> Contai
     if not analysis.segmentation.lesions:
         items.append(_text(codes.DCM.Finding, template.no_lesion_text))
     items.append(_text(codes.DCM.Comment, template.research_note))
+    supplied = analysis.segmentation.supplied
+    if supplied is not None:
+        items.append(_text(codes.DCM.Comment, describe_supplied(supplied)))
     if analysis.models:
         algorithms = "; ".join(_describe(m) for m in analysis.models)
         items.append(_text(codes.DCM.Comment, f"Algorithms: {algorithms}"))
@@ -346,6 +371,15 @@ def report_warnings(analysis: Analysis) -> tuple[str, ...]:
     return tuple(
         dict.fromkeys((*analysis.volume.warnings, *analysis.warnings, *per_lesion, *unpredicted))
     )
+
+
+def describe_supplied(supplied: SuppliedSegmentation) -> str:
+    """The SR's note on where the lesions came from when no model of ours drew them."""
+    parts = "segments" if supplied.kind == "SEG" else "ROIs"
+    drawn = ", ".join(f"{n} {name!r}" for n, name in zip(supplied.numbers, supplied.names))
+    return (f"Segmentation supplied, not found by a model: {supplied.kind} "
+            f"{supplied.sop_instance_uid} of series {supplied.series_uid}, made by "
+            f"{supplied.creator}; measured as drawn ({parts} {drawn}).")
 
 
 def _describe(model: ModelInfo) -> str:

@@ -22,6 +22,8 @@ STANDARD_SCHEMES = frozenset({"DCM", "SCT", "LN", "UCUM", "NCIt", "UMLS", "RADLE
 
 #: Volume units the builder can convert ``Lesion.volume_ml`` into (factor per ml).
 VOLUME_UNITS_PER_ML = {"cm3": 1.0, "ml": 1.0, "mL": 1.0, "mm3": 1000.0}
+#: UCUM units a lesion's confidence may be reported in, with the factor from [0, 1].
+CONFIDENCE_SCALE = {"%": 100.0, "1": 1.0}
 
 #: PS3.5 Table 6.2-1 limits: CodeValue is SH (16 chars), CodeMeaning LO (64 chars).
 _MAX_CODE_VALUE = 16
@@ -50,6 +52,8 @@ class SrTemplate:
     finding_category: Code  # [finding].category
     finding_type: Code  # [finding].type
     tracking_identifier: str  # [finding].tracking_identifier, with "{label}"
+    confidence: Code  # [finding].confidence
+    confidence_unit: Code  # [finding].confidence_unit ("%" or "1")
     volume_concept: Code  # [volume].concept
     volume_unit: Code  # [volume].unit
     tmb_probability: Code  # [tmb].probability
@@ -73,6 +77,11 @@ class SrTemplate:
         """Factor that turns millilitres into :attr:`volume_unit`."""
         return VOLUME_UNITS_PER_ML[self.volume_unit.value]
 
+    @property
+    def confidence_scale(self) -> float:
+        """Factor that turns a confidence in [0, 1] into :attr:`confidence_unit`."""
+        return CONFIDENCE_SCALE[self.confidence_unit.value]
+
     def subtype_code(self, value: str) -> Code:
         """The declared subtype code with CodeValue ``value``; ``KeyError`` when undeclared."""
         for code in self.subtype_codes:
@@ -89,7 +98,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
         "seg_series_description",
         "device_model_name",
     ),
-    "finding": ("category", "type", "tracking_identifier"),
+    "finding": ("category", "type", "tracking_identifier", "confidence", "confidence_unit"),
     "volume": ("concept", "unit"),
     "tmb": ("probability", "probability_unit", "status", "high", "low"),
     "subtype": ("concept", "codes"),
@@ -157,6 +166,8 @@ def template_from_mapping(data: dict[str, Any]) -> SrTemplate:
         finding_category=code(finding["category"], "[finding].category"),
         finding_type=code(finding["type"], "[finding].type"),
         tracking_identifier=_tracking_identifier(finding["tracking_identifier"]),
+        confidence=code(finding["confidence"], "[finding].confidence"),
+        confidence_unit=_confidence_unit(finding["confidence_unit"], declared),
         volume_concept=code(volume["concept"], "[volume].concept"),
         volume_unit=_volume_unit(volume["unit"], declared),
         tmb_probability=code(tmb["probability"], "[tmb].probability"),
@@ -171,6 +182,14 @@ def template_from_mapping(data: dict[str, Any]) -> SrTemplate:
         research_note=_text(text["research_note"], "[text].research_note"),
         no_lesion_text=_text(text["no_lesion"], "[text].no_lesion"),
     )
+
+
+def _confidence_unit(value: Any, declared: Any) -> Code:
+    unit = _code(value, "[finding].confidence_unit", declared)
+    if unit.scheme_designator != "UCUM" or unit.value not in CONFIDENCE_SCALE:
+        raise ConfigError(f"[finding].confidence_unit: {unit.value!r} ({unit.scheme_designator}) is not one "
+                          f"of the UCUM units {', '.join(map(repr, CONFIDENCE_SCALE))}")
+    return unit
 
 
 def _reject_unknown(table: dict[str, Any], known: Any, where: str) -> None:

@@ -267,6 +267,26 @@ class Index:
                 raise KeyError(key)
             return self._state(row)
 
+    def series_modalities(self, key: SeriesKey) -> set[str]:
+        """The Modality values of the series' instances (empty for an unknown series)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT modality FROM instances WHERE study_uid = ? AND series_uid = ?",
+                (key.study_uid, key.series_uid),
+            ).fetchall()
+        return {modality for (modality,) in rows}
+
+    def find_series(self, series_uid: str) -> SeriesState | None:
+        """The routable series with this Series Instance UID, in whichever study; ``None``
+        when the node holds none."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_SERIES_COLUMNS} FROM series WHERE series_uid = ? AND routable "
+                "ORDER BY last_arrival DESC LIMIT 1",
+                (series_uid,),
+            ).fetchone()
+            return None if row is None else self._state(row)
+
     def instance_paths(self, key: SeriesKey) -> list[Path]:
         """Spool paths of the series' routable instances, ordered along the slice normal.
 

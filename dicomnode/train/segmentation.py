@@ -56,6 +56,8 @@ from dicomnode.analyse.segment import (
     resize,
     sha256_of,
 )
+from dicomnode.config import SegmentationConfig
+from dicomnode.errors import TrainingError
 from dicomnode.phantom import insert_lesions, make_phantom_study, soft_tissue_region
 from dicomnode.train import jsonable
 from dicomnode.types import Geometry, SeriesKey, Volume
@@ -90,11 +92,13 @@ class Recipe:
     ``epochs x iterations_per_epoch`` optimiser steps of ``batch_size`` patches each.
     """
 
-    epochs: int = 18
+    epochs: int = 60
     iterations_per_epoch: int = 250
     batch_size: int = 4
-    patch_size: tuple[int, int, int] = (32, 64, 64)
-    spacing_mm: tuple[float, float, float] = (2.5, 1.5, 1.5)
+    #: 96 x 192 x 192 mm at the training spacing: most of a limb in one window, so that the
+    #: network sees the tumour with the muscle, fat and bone around it.
+    patch_size: tuple[int, int, int] = (32, 96, 96)
+    spacing_mm: tuple[float, float, float] = (3.0, 2.0, 2.0)
     hu_window: tuple[float, float] = (-200.0, 300.0)
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     strides: tuple[int, ...] = (2, 2, 2, 2)
@@ -102,9 +106,9 @@ class Recipe:
     #: UNet ends in a one-channel instance normalisation, which forces every patch's logits
     #: to zero mean and unit variance and keeps the model from learning "no lesion here".
     num_res_units: int = 0
-    learning_rate: float = 5e-3
+    learning_rate: float = 3e-3
     weight_decay: float = 1e-4
-    warmup_iterations: int = 50
+    warmup_iterations: int = 100
     #: Initial bias of the output layer: the logit of the expected lesion fraction, so that
     #: training starts from "mostly background" instead of spending its first thousand
     #: steps getting there (Lin et al., focal loss, 2017).
@@ -112,27 +116,35 @@ class Recipe:
     #: Decay of the exponential moving average of the weights that is validated and shipped
     #: (smoother than the last iterate; no batch-norm statistics to track in this network).
     ema_decay: float = 0.998
-    lesion_patch_fraction: float = 0.6
-    #: Share of patches drawn from real CT (when ``data_root`` is given) and from the
-    #: lesion-free water volumes; the rest come from phantoms.
+    lesion_patch_fraction: float = 0.5
+    #: Share of patches drawn from real CT with inserted lesions (when ``real_variants`` and
+    #: ``data_root`` are given) and from the lesion-free water volumes; the rest come from
+    #: phantoms.
     real_fraction: float = 0.3
     water_fraction: float = 0.05
     #: Share of patches drawn from a hospital's cohort (when one is given).
-    cohort_fraction: float = 0.5
-    #: Every n-th case of the cohort (in CSV order) validates instead of training.
+    cohort_fraction: float = 0.75
+    #: Every n-th case of the cohort (in CSV order) validates instead of training: a fixed
+    #: split by patient (35 sarcoma patients: 28 train, 7 validate).
     cohort_validation_every: int = 5
-    n_phantoms: int = 40
+    n_phantoms: int = 0
     phantom_geometries: tuple[tuple[tuple[int, int, int], tuple[float, float, float]], ...] = (
         PHANTOM_GEOMETRIES
     )
-    n_water: int = 3
-    real_variants: int = 3
+    n_water: int = 2
+    #: Copies of each :data:`REAL_CT` volume with synthetic lesions inserted (0: none; the
+    #: volumes are then only the out-of-domain check).
+    real_variants: int = 0
+    #: Held-out phantoms validated after each epoch (only when phantoms are trained on).
     n_validation: int = 6
     validation_geometry: tuple[tuple[int, int, int], tuple[float, float, float]] = (
         PHANTOM_GEOMETRIES[0]
     )
+    #: True: ship the epoch with the best validation Dice. False: ship the last (averaged)
+    #: weights, so that the validation figures were not used to pick the model.
+    select_best_epoch: bool = False
     threads: int = 2
-    version: str = "1.0.0"
+    version: str = "2.0.0"
 
     def __post_init__(self) -> None:
         if self.n_phantoms > VALIDATION_SEED_START:
@@ -162,12 +174,25 @@ class TrainingReport:
     losses: tuple[float, ...] = field(repr=False)
     epoch_losses: tuple[float, ...] = field(repr=False)
     validation_dice: tuple[float, ...] = field(repr=False)
-    real_ct_checks: tuple[dict[str, Any], ...] = field(repr=False, default=())
+    #: (training, validation) patient ids of the cohort.
+    split: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    #: :func:`evaluate_case` for each validation patient, with the shipped weights.
+    per_patient: tuple[dict[str, Any], ...] = field(repr=False, default=())
+    #: :func:`confidence_study` on the training patients.
+    confidence_study: tuple[dict[str, Any], ...] = field(repr=False, default=())
+    out_of_domain: tuple[dict[str, Any], ...] = field(repr=False, default=())
+    settings: SegmentationConfig = SegmentationConfig()
 
     def __str__(self) -> str:
+        patients = ""
+        if self.per_patient:
+            summary = summarise(self.per_patient)
+            patients = (f"; validation patients: median Dice {summary['median_dice']:.3f}, "
+                        f"tumour found in {summary['found']} of {summary['patients']}, "
+                        f"{summary['false_lesions_per_patient']:.2f} false lesions per patient")
         return (
-            f"segmentation model written to {self.out_dir}: best validation Dice "
-            f"{self.best_validation_dice:.3f} (epoch {self.best_epoch} of {self.epochs}), "
+            f"segmentation model written to {self.out_dir}: validation Dice "
+            f"{self.best_validation_dice:.3f} (epoch {self.best_epoch} of {self.epochs}){patients}, "
             f"{self.iterations} iterations in {self.seconds / 60:.1f} min on {self.device}, "
             f"weights {self.weights_bytes / 1e6:.1f} MB"
         )
@@ -229,36 +254,50 @@ def _water_items(n: int, rng: np.random.Generator, prep: Preprocessing) -> list[
     return items
 
 
-def _cohort_items(cohort: Path, recipe: Recipe, prep: Preprocessing, dicomweb: Any, log: Log
-                  ) -> tuple[list[_Item], list[tuple[Volume, NDArray[np.bool_]]], list[str]]:
-    """Training items and validation cases from a cohort CSV (rows of one image are merged).
+@dataclass(frozen=True)
+class TrainingCase:
+    """One patient's CT with every drawn lesion as foreground, on the CT's own grid."""
+
+    case_id: str
+    hu: NDArray[np.float32]
+    mask: NDArray[np.bool_]
+    spacing: tuple[float, float, float]
+
+    def volume(self) -> Volume:
+        return _volume(self.hu, self.spacing, self.case_id)
+
+
+def load_cohort_cases(cohort: Path, dicomweb: Any = None, log: Log = print) -> list[TrainingCase]:
+    """The cases of a cohort CSV in CSV order; the lesion rows of one case are merged.
 
     A case with several lesion rows is one image whose lesions are all foreground: training
     on one of them while the others count as background would teach the network to miss them.
     """
     from dicomnode.cohort import load_case, read_cohort
 
-    rows = read_cohort(cohort)
-    cases: dict[str, tuple[NDArray[np.float32], NDArray[np.bool_], tuple[float, float, float]]] = {}
-    for row in rows:
+    cases: dict[str, TrainingCase] = {}
+    for row in read_cohort(cohort):
         case = load_case(row, base_dir=cohort.parent, dicomweb=dicomweb)
         if row.case_id in cases:
-            hu, mask, spacing = cases[row.case_id]
-            cases[row.case_id] = (hu, mask | case.mask, spacing)
+            known = cases[row.case_id]
+            cases[row.case_id] = replace(known, mask=known.mask | case.mask)
         else:
-            cases[row.case_id] = (case.hu, case.mask, case.spacing_zyx)
-    every = recipe.cohort_validation_every
-    held_out = {name for i, name in enumerate(cases) if len(cases) > 1 and i % every == every - 1}
-    if len(cases) > 1 and not held_out:
-        held_out = {list(cases)[-1]}
-    items = [_item(f"cohort {name}", "cohort", hu, mask, spacing, prep)
-             for name, (hu, mask, spacing) in cases.items() if name not in held_out]
-    validation = [(_volume(hu, spacing, f"cohort {name}"), mask)
-                  for name, (hu, mask, spacing) in cases.items() if name in held_out]
-    log(f"  cohort {cohort}: {len(items)} training and {len(validation)} validation case(s)")
-    used = [f"cohort {cohort} ({len(rows)} lesion rows): {len(items)} training cases, "
-            f"{len(validation)} validation cases ({sorted(held_out)})"]
-    return items, validation, used
+            cases[row.case_id] = TrainingCase(row.case_id, case.hu.astype(np.float32),
+                                              case.mask, case.spacing_zyx)
+    log(f"  cohort {cohort}: {len(cases)} case(s)")
+    return list(cases.values())
+
+
+def split_by_patient(case_ids: Sequence[str], every: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(training, validation) case ids: every ``every``-th case in CSV order validates.
+
+    A fixed rule, not a random draw, so that the split can be read off the CSV and is the
+    same on every machine; with a single case there is nothing to hold out.
+    """
+    held = [c for i, c in enumerate(case_ids) if len(case_ids) > 1 and i % every == every - 1]
+    if len(case_ids) > 1 and not held:
+        held = [case_ids[-1]]
+    return tuple(c for c in case_ids if c not in held), tuple(held)
 
 
 def _read_real_ct(path: Path) -> tuple[NDArray[np.float32], tuple[float, float, float]]:
@@ -388,43 +427,107 @@ def _volume(hu: NDArray[np.float32], spacing: tuple[float, float, float], name: 
                   frame_of_reference_uid="")
 
 
-def _validate(segmenter: Segmenter, cases: Sequence[tuple[Volume, NDArray[np.bool_]]]) -> float:
-    scores = [dice(segmenter.segment(v).labels > 0, truth) for v, truth in cases]
-    return float(np.mean(scores))
+def evaluate_case(segmenter: Segmenter, volume: Volume, truth: NDArray[np.bool_]) -> dict[str, Any]:
+    """What the node reports on one annotated CT, scored against the drawn tumour(s).
+
+    ``found``: at least one reported lesion overlaps the drawn tumour; ``false_lesions``:
+    reported lesions that touch no drawn voxel; ``dice``: all reported lesions against all
+    drawn voxels, on the CT's own grid (1.0 when both are empty).
+    """
+    result = segmenter.segment(volume)
+    labels = result.labels
+    hits = set(np.unique(labels[truth & (labels > 0)]).tolist())
+    voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
+    return {
+        "case": volume.key.study_uid,
+        "dice": round(dice(labels > 0, truth), 3),
+        "found": bool(hits) if truth.any() else None,
+        "lesions": len(result.lesions),
+        "false_lesions": sum(1 for lesion in result.lesions if lesion.label not in hits),
+        "drawn_ml": round(float(truth.sum()) * voxel_ml, 1),
+        "reported_ml": round(float((labels > 0).sum()) * voxel_ml, 1),
+        "confidences": [lesion.confidence for lesion in result.lesions],
+    }
 
 
-def _real_ct_checks(segmenter: Segmenter, data_root: Path | None, seed: int, log: Log
-                    ) -> list[dict[str, Any]]:
-    """Dice and false-positive lesions on real CT with lesions inserted with an unseen seed."""
+def _mean_dice(segmenter: Segmenter, cases: Sequence[tuple[Volume, NDArray[np.bool_]]]) -> float:
+    return float(np.mean([evaluate_case(segmenter, v, truth)["dice"] for v, truth in cases]))
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Median and mean Dice, tumours found, false lesions per patient."""
+    dices = [r["dice"] for r in rows]
+    return {
+        "patients": len(rows),
+        "median_dice": round(float(np.median(dices)), 3) if rows else None,
+        "mean_dice": round(float(np.mean(dices)), 3) if rows else None,
+        "found": sum(1 for r in rows if r["found"]),
+        "false_lesions_per_patient": round(sum(r["false_lesions"] for r in rows) / max(1, len(rows)), 2),
+    }
+
+
+#: Whole CT volumes outside the model's domain (chest and abdomen, no sarcoma), relative to
+#: ``data_root``: how many lesions the node reports there is the out-of-domain check.
+OUT_OF_DOMAIN_CT: tuple[tuple[str, str, str | None], ...] = tuple(
+    entry for entry in REAL_CT if entry[0] != "ibsi_sts_001"  # STS_001 of the cohort
+)
+
+
+def _out_of_domain_checks(segmenter: Segmenter, data_root: Path | None, log: Log
+                          ) -> list[dict[str, Any]]:
+    """Lesions the node reports on chest and abdomen CTs it was not trained for."""
     if data_root is None:
         return []
-    rng = np.random.default_rng([seed, 7919])
     checks = []
-    for name, image_path, mask_path in REAL_CT:
+    for name, image_path, mask_path in OUT_OF_DOMAIN_CT:
         path = data_root / image_path
         if not path.exists():
+            log(f"  out-of-domain check {name}: skipped, {path} not found")
             continue
         hu, spacing = _read_real_ct(path)
         tumour = (_read_mask(data_root / mask_path) if mask_path and (data_root / mask_path).exists()
                   else np.zeros(hu.shape, dtype=bool))
-        region = soft_tissue_region(hu, spacing) & ~ndimage.binary_dilation(tumour, iterations=10)
-        inserted, truth = insert_lesions(hu, spacing, rng, n_lesions=3, region_mask=region)
-        found = segmenter.segment(_volume(inserted, spacing, name)).labels
-        outside = found.copy()
-        outside[np.isin(found, np.unique(found[truth | tumour]))] = 0
-        plain = segmenter.segment(_volume(hu, spacing, name)).labels
+        labels = segmenter.segment(_volume(hu, spacing, name)).labels
         check = {
             "case": name,
-            "dice_inserted": round(dice((found > 0) & ~tumour, truth), 3),
-            "inserted_lesions": int(ndimage.label(truth)[1]),
-            "found_lesions": int(found.max()),
-            "false_positive_lesions": int(len(np.unique(outside)) - 1),
-            "lesions_found_without_insertion": int(plain.max()),
-            "of_which_on_real_tumour": len(np.unique(plain[tumour & (plain > 0)])),
+            "slices": int(hu.shape[0]),
+            "lesions": int(labels.max()),
+            "on_its_tumour": len(np.unique(labels[tumour & (labels > 0)])),
+            "tumour_drawn": bool(tumour.any()),
         }
         checks.append(check)
-        log(f"  real CT check {name}: {check}")
+        log(f"  out-of-domain check {name}: {check}")
     return checks
+
+
+def confidence_study(rows: Sequence[dict[str, Any]], thresholds: Sequence[float]
+                     ) -> list[dict[str, Any]]:
+    """For each ``min_confidence``: tumours still found and false lesions left on ``rows``.
+
+    ``rows`` come from :func:`evaluate_case` with ``min_confidence`` 0 and each reported
+    lesion's confidence and whether it hit the tumour (``hit_confidences``,
+    ``false_confidences``), so that every threshold is scored from one inference.
+    """
+    study = []
+    for threshold in thresholds:
+        found = sum(1 for r in rows if any(c >= threshold for c in r["hit_confidences"]))
+        false = sum(sum(1 for c in r["false_confidences"] if c >= threshold) for r in rows)
+        study.append({"min_confidence": threshold, "found": found, "patients": len(rows),
+                      "false_lesions_per_patient": round(false / max(1, len(rows)), 2)})
+    return study
+
+
+def _confidences_by_hit(segmenter: Segmenter, case: TrainingCase) -> dict[str, Any]:
+    """Every lesion's confidence with no confidence filter, split by whether it hit the tumour."""
+    open_segmenter = Segmenter(segmenter.network, segmenter.manifest,
+                               replace(segmenter.settings, min_confidence=0.0, max_lesions=0))
+    result = open_segmenter.segment(case.volume())
+    hits = set(np.unique(result.labels[case.mask & (result.labels > 0)]).tolist())
+    return {
+        "case": case.case_id,
+        "hit_confidences": [le.confidence for le in result.lesions if le.label in hits],
+        "false_confidences": [le.confidence for le in result.lesions if le.label not in hits],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,11 +562,13 @@ def train_segmentation(
     *,
     data_root: Path | None = None,
     cohort: Path | None = None,
+    cohort_cases: Sequence[TrainingCase] | None = None,
     dicomweb: Any = None,
     epochs: int | None = None,
     seed: int = 0,
     device: str = "auto",
     recipe: Recipe = Recipe(),
+    settings: SegmentationConfig = SegmentationConfig(),
     log: Log = print,
 ) -> TrainingReport:
     """Train the lesion U-Net and write a complete model folder.
@@ -474,11 +579,16 @@ def train_segmentation(
         Where ``weights.pt``, ``manifest.json``, ``training_curve.png``, ``MODEL_CARD.md`` and
         ``RECIPE.md`` go (created if needed; existing files are replaced).
     data_root:
-        A folder laid out like ``../shared/data``; lesions are also inserted into the real CT
-        found there (:data:`REAL_CT`). ``None``: no real CT with inserted lesions.
+        A folder laid out like ``../shared/data``: the whole chest and abdomen CTs there
+        (:data:`OUT_OF_DOMAIN_CT`) are the out-of-domain check, and, with
+        ``recipe.real_variants``, get synthetic lesions inserted for training.
     cohort:
-        A cohort CSV of CT with lesion masks (``docs/cohorts.md``); ``dicomweb`` is the
+        A cohort CSV of CT with lesion masks (``docs/cohorts.md``), split by patient
+        (:func:`split_by_patient`); ``dicomweb`` is the
         :class:`~dicomnode.cohort.DicomwebSource` for its ``dicomweb:`` references.
+    cohort_cases:
+        The cohort already loaded (:func:`load_cohort_cases`), in CSV order; ``cohort`` is
+        then only named in the provenance.
     epochs:
         Overrides ``recipe.epochs``.
     seed:
@@ -489,15 +599,12 @@ def train_segmentation(
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     recipe:
         Every other setting (:class:`Recipe`); its defaults train the shipped model.
+    settings:
+        The node's ``[segmentation]`` post-processing used to validate (threshold,
+        confidence, minimum volume, body mask), as the node will run the model.
     log:
         Receives one line per step and per epoch.
-
-    Returns
-    -------
-    TrainingReport
     """
-    from monai.losses import DiceCELoss
-
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs)
     out_dir = Path(out_dir)
@@ -505,98 +612,142 @@ def train_segmentation(
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     try:
-        started = time.perf_counter()
-        torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        run_device = pick_device(device)
-        prep = Preprocessing(recipe.spacing_mm, recipe.hu_window)
-        manifest = SegmentationManifest.from_dict(_manifest_dict(
-            recipe, {"weights": {"file": "weights.pt"}}))
-
-        log("preparing training data")
-        train_seeds = tuple(range(recipe.n_phantoms))
-        val_seeds = tuple(range(VALIDATION_SEED_START, VALIDATION_SEED_START + recipe.n_validation))
-        items = _phantom_items(train_seeds, recipe, prep, log)
-        items += _water_items(recipe.n_water, rng, prep)
-        data_used = [
-            f"{recipe.n_water} lesion-free water volumes (uniform or cylinder, noise 0-20 HU)",
-        ]
-        if train_seeds:
-            data_used.insert(0, (
-                f"{len(train_seeds)} synthetic phantoms (make_phantom_study seeds "
-                f"{train_seeds[0]}-{train_seeds[-1]}, 1-4 lesions each, (shape, spacing) "
-                f"cycling through {list(recipe.phantom_geometries)})"))
-        cohort_validation: list[tuple[Volume, NDArray[np.bool_]]] = []
-        if cohort is not None:
-            cohort_items, cohort_validation, used = _cohort_items(Path(cohort), recipe, prep,
-                                                                  dicomweb, log)
-            items += cohort_items
-            data_used += used
-        if data_root is not None:
-            real, used = _real_items(Path(data_root), recipe, rng, prep, log)
-            items += real
-            data_used += used
-        val_shape, val_spacing = recipe.validation_geometry
-        validation = []
-        for s in val_seeds:
-            p = make_phantom_study(s, shape=val_shape, spacing=val_spacing, n_lesions=1 + s % 4)
-            validation.append((_volume(p.hu, p.spacing, f"validation {s}"), p.lesion_mask))
-        validation += cohort_validation
-        log(f"  {len(items)} training volumes, {len(validation)} validation phantoms "
-            f"({time.perf_counter() - started:.0f} s)")
-
-        network = manifest.build_network()
-        _init_output_bias(network, recipe.output_bias)
-        network = network.to(run_device)
-        optimiser = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate,
-                                      weight_decay=recipe.weight_decay)
-        total = recipe.epochs * recipe.iterations_per_epoch
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: _lr_factor(i, total, recipe))
-        loss_fn = DiceCELoss(sigmoid=True, batch=True)
-        losses: list[float] = []
-        epoch_losses: list[float] = []
-        val_dice: list[float] = []
-        average = copy.deepcopy(network).eval()
-        best = (-1.0, 0, copy.deepcopy(average.state_dict()))
-        step = 0
-        for epoch in range(1, recipe.epochs + 1):
-            network.train()
-            for _ in range(recipe.iterations_per_epoch):
-                image, label, ignore = (t.to(run_device) for t in _batch(items, recipe, rng))
-                logits = network(image)
-                # Ignored voxels (real tumours we did not draw) are forced to a confident,
-                # correct background: they then add nothing to either loss term.
-                logits = torch.where(ignore, torch.full_like(logits, -20.0), logits)
-                loss = loss_fn(logits, label)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                step += 1
-                _update_average(average, network, min(recipe.ema_decay, (1 + step) / (10 + step)))
-                losses.append(float(loss.detach()))
-            epoch_losses.append(float(np.mean(losses[-recipe.iterations_per_epoch:])))
-            segmenter = Segmenter(average, manifest, device=str(run_device))
-            val_dice.append(_validate(segmenter, validation))
-            if val_dice[-1] > best[0]:
-                best = (val_dice[-1], epoch, copy.deepcopy(average.state_dict()))
-            log(f"epoch {epoch}/{recipe.epochs}: loss {epoch_losses[-1]:.4f}, validation Dice "
-                f"{val_dice[-1]:.3f} (best {best[0]:.3f}), {time.perf_counter() - started:.0f} s")
-
-        network.load_state_dict(best[2])
-        segmenter = Segmenter(network, manifest, device=str(run_device))
-        checks = _real_ct_checks(segmenter, Path(data_root) if data_root else None, seed, log)
-        seconds = time.perf_counter() - started
-        report = TrainingReport(
-            out_dir=out_dir, best_validation_dice=best[0], best_epoch=best[1],
-            epochs=recipe.epochs, iterations=total, seconds=seconds, device=str(run_device),
-            weights_bytes=0, train_seeds=train_seeds, validation_seeds=val_seeds,
-            data_used=tuple(data_used), losses=tuple(losses), epoch_losses=tuple(epoch_losses),
-            validation_dice=tuple(val_dice), real_ct_checks=tuple(checks),
-        )
-        return _write_model(out_dir, network, recipe, report, seed, data_root, cohort)
+        return _train(out_dir, data_root=Path(data_root) if data_root else None,
+                      cohort=Path(cohort) if cohort else None, cohort_cases=cohort_cases,
+                      dicomweb=dicomweb, seed=seed, device=device, recipe=recipe,
+                      settings=settings, log=log)
     finally:
         torch.set_num_threads(threads)
+
+
+def _train(out_dir: Path, *, data_root: Path | None, cohort: Path | None,
+           cohort_cases: Sequence[TrainingCase] | None, dicomweb: Any, seed: int, device: str,
+           recipe: Recipe, settings: SegmentationConfig, log: Log) -> TrainingReport:
+    from monai.losses import DiceCELoss
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    run_device = pick_device(device)
+    settings = replace(settings, device=str(run_device))
+    prep = Preprocessing(recipe.spacing_mm, recipe.hu_window)
+    manifest = SegmentationManifest.from_dict(_manifest_dict(
+        recipe, {"weights": {"file": "weights.pt"}}))
+
+    log("preparing training data")
+    train_seeds = tuple(range(recipe.n_phantoms))
+    val_seeds = (tuple(range(VALIDATION_SEED_START, VALIDATION_SEED_START + recipe.n_validation))
+                 if train_seeds else ())
+    items = _phantom_items(train_seeds, recipe, prep, log)
+    items += _water_items(recipe.n_water, rng, prep)
+    data_used = [f"{recipe.n_water} lesion-free water volumes (uniform or cylinder, noise 0-20 HU)"]
+    if train_seeds:
+        data_used.insert(0, (
+            f"{len(train_seeds)} synthetic phantoms (make_phantom_study seeds "
+            f"{train_seeds[0]}-{train_seeds[-1]}, 1-4 lesions each, (shape, spacing) "
+            f"cycling through {list(recipe.phantom_geometries)})"))
+    split: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    train_cases: list[TrainingCase] = []
+    val_cases: list[TrainingCase] = []
+    if cohort is not None or cohort_cases is not None:
+        cases = list(cohort_cases) if cohort_cases is not None else load_cohort_cases(
+            Path(cohort), dicomweb, log)  # type: ignore[arg-type]
+        split = split_by_patient([c.case_id for c in cases], recipe.cohort_validation_every)
+        train_cases = [c for c in cases if c.case_id in split[0]]
+        val_cases = [c for c in cases if c.case_id in split[1]]
+        items += [_item(f"cohort {c.case_id}", "cohort", c.hu, c.mask, c.spacing, prep)
+                  for c in train_cases]
+        log(f"  cohort: {len(train_cases)} training and {len(val_cases)} validation case(s)")
+        data_used.append(f"cohort {cohort}: {len(train_cases)} training patients, "
+                         f"{len(val_cases)} validation patients ({list(split[1])})")
+    if data_root is not None and recipe.real_variants:
+        real, used = _real_items(data_root, recipe, rng, prep, log)
+        items += real
+        data_used += used
+    val_shape, val_spacing = recipe.validation_geometry
+    validation = []
+    for s in val_seeds:
+        p = make_phantom_study(s, shape=val_shape, spacing=val_spacing, n_lesions=1 + s % 4)
+        validation.append((_volume(p.hu, p.spacing, f"validation {s}"), p.lesion_mask))
+    validation += [(c.volume(), c.mask) for c in val_cases]
+    if not validation:
+        raise TrainingError("nothing to validate on: train on phantoms (n_phantoms > 0) or "
+                            "on a cohort of at least two patients")
+    log(f"  {len(items)} training volumes, {len(validation)} validation volumes "
+        f"({time.perf_counter() - started:.0f} s)")
+
+    network = manifest.build_network()
+    _init_output_bias(network, recipe.output_bias)
+    network = network.to(run_device)
+    optimiser = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate,
+                                  weight_decay=recipe.weight_decay)
+    total = recipe.epochs * recipe.iterations_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: _lr_factor(i, total, recipe))
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    losses: list[float] = []
+    epoch_losses: list[float] = []
+    val_dice: list[float] = []
+    average = copy.deepcopy(network).eval()
+    best = (-1.0, 0, copy.deepcopy(average.state_dict()))
+    step = 0
+    for epoch in range(1, recipe.epochs + 1):
+        network.train()
+        for _ in range(recipe.iterations_per_epoch):
+            image, label, ignore = (t.to(run_device) for t in _batch(items, recipe, rng))
+            logits = network(image)
+            # Ignored voxels (real tumours we did not draw) are forced to a confident,
+            # correct background: they then add nothing to either loss term.
+            logits = torch.where(ignore, torch.full_like(logits, -20.0), logits)
+            loss = loss_fn(logits, label)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            step += 1
+            _update_average(average, network, min(recipe.ema_decay, (1 + step) / (10 + step)))
+            losses.append(float(loss.detach()))
+        epoch_losses.append(float(np.mean(losses[-recipe.iterations_per_epoch:])))
+        val_dice.append(_mean_dice(Segmenter(average, manifest, settings), validation))
+        if val_dice[-1] > best[0] or not recipe.select_best_epoch:
+            best = (val_dice[-1], epoch, copy.deepcopy(average.state_dict()))
+        log(f"epoch {epoch}/{recipe.epochs}: loss {epoch_losses[-1]:.4f}, validation Dice "
+            f"{val_dice[-1]:.3f} (kept: epoch {best[1]}), {time.perf_counter() - started:.0f} s")
+    train_seconds = time.perf_counter() - started
+
+    network.load_state_dict(best[2])
+    per_patient, study, checks = evaluate_model(Segmenter(network, manifest, settings),
+                                                train_cases, val_cases, data_root, log)
+    report = TrainingReport(
+        out_dir=out_dir, best_validation_dice=best[0], best_epoch=best[1],
+        epochs=recipe.epochs, iterations=total, seconds=train_seconds, device=str(run_device),
+        weights_bytes=0, train_seeds=train_seeds, validation_seeds=val_seeds,
+        data_used=tuple(data_used), losses=tuple(losses), epoch_losses=tuple(epoch_losses),
+        validation_dice=tuple(val_dice), split=split, per_patient=tuple(per_patient),
+        confidence_study=tuple(study), out_of_domain=tuple(checks), settings=settings,
+    )
+    return _write_model(out_dir, network, recipe, report, seed, data_root, cohort)
+
+
+def evaluate_model(
+    segmenter: Segmenter, train_cases: Sequence[TrainingCase], val_cases: Sequence[TrainingCase],
+    data_root: Path | None, log: Log = print,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model card's figures: per validation patient (:func:`evaluate_case`), the
+    ``min_confidence`` study on the training patients (:func:`confidence_study`) and the
+    out-of-domain lesion counts."""
+    log("per-patient evaluation")
+    per_patient = [evaluate_case(segmenter, c.volume(), c.mask) for c in val_cases]
+    for row in per_patient:
+        log(f"  validation {row['case']}: {row}")
+    study_rows = [_confidences_by_hit(segmenter, c) for c in train_cases]
+    study = confidence_study(study_rows, CONFIDENCE_GRID) if study_rows else []
+    for line in study:
+        log(f"  training patients: {line}")
+    return per_patient, study, _out_of_domain_checks(segmenter, data_root, log)
+
+
+#: ``min_confidence`` values scored on the training patients (:func:`confidence_study`).
+CONFIDENCE_GRID = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
 @torch.no_grad()
@@ -652,7 +803,14 @@ def _write_model(out_dir: Path, network: torch.nn.Module, recipe: Recipe, report
         "validation_dice": round(report.best_validation_dice, 4),
         "validation_dice_per_epoch": [round(d, 4) for d in report.validation_dice],
         "loss_per_epoch": [round(x, 4) for x in report.epoch_losses],
-        "real_ct_checks": list(report.real_ct_checks),
+        "select_best_epoch": recipe.select_best_epoch,
+        "split": {"train": list(report.split[0]), "validation": list(report.split[1])},
+        "postprocessing": {k: v for k, v in asdict(report.settings).items()
+                           if k not in ("model_dir", "device")},
+        "validation_patients": list(report.per_patient),
+        "validation_summary": summarise(report.per_patient) if report.per_patient else None,
+        "confidence_study_training_patients": list(report.confidence_study),
+        "out_of_domain": list(report.out_of_domain),
     }
     manifest = _manifest_dict(recipe, {
         "weights": {"file": weights.name, "sha256": sha256_of(weights),
@@ -689,13 +847,13 @@ def _plot_curve(path: Path, report: TrainingReport) -> None:
     loss_ax.set_ylabel("Dice + cross-entropy loss")
     dice_ax = loss_ax.twinx()
     dice_ax.plot(range(1, report.epochs + 1), report.validation_dice, "s-", color="C3",
-                 label="validation Dice (held-out phantoms)")
+                 label="validation Dice (held-out cases)")
     dice_ax.set_ylabel("Dice")
     dice_ax.set_ylim(0, 1)
     handles = loss_ax.get_legend_handles_labels()[0] + dice_ax.get_legend_handles_labels()[0]
     loss_ax.legend(handles=handles, loc="center right", fontsize=8)
-    loss_ax.set_title(f"{MODEL_NAME}: best validation Dice {report.best_validation_dice:.3f} "
-                      f"(epoch {report.best_epoch})", fontsize=10)
+    loss_ax.set_title(f"{MODEL_NAME}: validation Dice {report.best_validation_dice:.3f} "
+                      f"(shipped: epoch {report.best_epoch})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -751,94 +909,137 @@ def _seed_range(seeds: Sequence[int]) -> str:
     return f"{seeds[0]}-{seeds[-1]}" if seeds else "none"
 
 
+def _patient_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| patient | Dice | tumour found | false lesions | drawn ml | reported ml | confidence |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        confidences = ", ".join(f"{c:.2f}" for c in r["confidences"]) or "-"
+        lines.append(f"| {r['case']} | {r['dice']:.3f} | {'yes' if r['found'] else 'NO'} | "
+                     f"{r['false_lesions']} | {r['drawn_ml']:.1f} | {r['reported_ml']:.1f} | "
+                     f"{confidences} |")
+    return "\n".join(lines)
+
+
 def _model_card(recipe: Recipe, report: TrainingReport, training: dict[str, Any]) -> str:
     data = "\n".join(f"- {d}" for d in report.data_used)
-    checks = "\n".join(
-        f"| {c['case']} | {c['inserted_lesions']} | {c['dice_inserted']:.3f} | "
-        f"{c['false_positive_lesions']} | {c['lesions_found_without_insertion']} "
-        f"({c['of_which_on_real_tumour']} on the real tumour) |"
-        for c in report.real_ct_checks
-    ) or "| (not run: no data root) | | | | |"
-    if training.get("cohort"):
-        headline = (f"**Trained on the cohort `{training['cohort']}` (listed below), as well as "
-                    "any synthetic data listed. Research use only; not for clinical use.** Its "
-                    "performance is the validation Dice below, on the held-out cohort cases.")
+    settings = report.settings
+    if report.per_patient:
+        summary = summarise(report.per_patient)
+        evaluation = f"""Validation patients (never trained on; the node's own inference and post-processing,
+scored on the CT's native grid against the clinician's GTV): median Dice
+**{summary['median_dice']:.3f}** (mean {summary['mean_dice']:.3f}), tumour found in
+**{summary['found']} of {summary['patients']}**, **{summary['false_lesions_per_patient']:.2f}** false
+lesions per patient. "Found": a reported lesion overlaps the drawn tumour; a false lesion
+touches no drawn voxel.
+
+{_patient_table(report.per_patient)}
+"""
+    else:
+        evaluation = (f"Validation Dice (held-out phantoms): **{report.best_validation_dice:.3f}**. "
+                      "No patient was validated: this model knows only synthetic lesions.")
+    study = "\n".join(
+        f"| {line['min_confidence']:.2f} | {line['found']} of {line['patients']} | "
+        f"{line['false_lesions_per_patient']:.2f} |" for line in report.confidence_study
+    ) or "| (no cohort) | | |"
+    ood = "\n".join(
+        f"| {c['case']} | {c['slices']} | {c['lesions']} | "
+        f"{c['on_its_tumour'] if c['tumour_drawn'] else '(none drawn)'} |"
+        for c in report.out_of_domain
+    ) or "| (not run: no data root) | | | |"
+    if training.get("cohort") or report.per_patient:
+        headline = ("**Trained on real patients (listed below). Research use only; not for "
+                    "clinical use.** Its quality is the per-patient table below, on patients it "
+                    "never saw.")
     else:
         headline = ("**A demonstration model trained on synthetic lesions. Not for clinical "
                     "use.** It shows that the node's segmentation stage works end to end; it "
-                    "has never seen a real, annotated metastasis.")
+                    "has never seen a real, annotated tumour.")
+    split = ""
+    if report.split[1]:
+        split = (f"Fixed split by patient (every {recipe.cohort_validation_every}th case of the "
+                 f"CSV validates): training {', '.join(report.split[0])}; **validation "
+                 f"{', '.join(report.split[1])}**.")
+    kept = (f"the epoch with the best validation Dice was kept (epoch {report.best_epoch})"
+            if recipe.select_best_epoch else
+            f"the weights after the last epoch (an exponential moving average, decay "
+            f"{recipe.ema_decay}) are shipped, so the validation figures did not pick the model")
     return f"""# Model card: {MODEL_NAME} {recipe.version}
 
 {headline}
 
-## What it does
-Binary segmentation of focal lesions (metastasis-like masses, 1.5-4 cm) in CT: input one CT
-volume in HU, output a lesion probability per voxel; the node thresholds it at 0.5, splits it
-into 3D connected components and drops components below `min_lesion_ml` (0.5 ml by default).
+## Domain
+Soft-tissue sarcoma of the limbs and trunk on CT (planning CT cropped around the tumour, as
+in the IBSI/TCIA Soft-tissue-Sarcoma collection). One output: tumour (the gross tumour volume
+as a radiation oncologist draws it) against everything else. **Out of domain** (chest,
+abdomen, other tumours, other crops) the figures below do not hold; see "Out of domain".
 
-## Architecture and preprocessing
+## What the node does with it
+Input one CT volume in HU; output a lesion probability per voxel. The node keeps voxels with
+probability >= `probability_threshold` ({settings.probability_threshold}) inside the body
+(`body_only` = {str(settings.body_only).lower()}), splits them into 3D connected components,
+gives each its **confidence** (the mean probability inside it, reported in the SR), and drops
+components below `min_lesion_ml` ({settings.min_lesion_ml} ml) or below `min_confidence`
+({settings.min_confidence}); `max_lesions` ({settings.max_lesions or 'no limit'}) keeps the most
+confident. These `[segmentation]` values are ours, not a paper's; the evaluation below uses
+exactly them.
+
+## Architecture and preprocessing (our choices)
 MONAI `UNet` (3D), channels {list(recipe.channels)}, strides {list(recipe.strides)},
 {recipe.num_res_units} residual unit(s) per block, instance normalisation, one output channel
 (sigmoid); {report.weights_bytes / 1e6:.1f} MB of float32 weights. Input: HU clipped to
 {list(recipe.hu_window)} and scaled to [-1, 1], resampled to {list(recipe.spacing_mm)} mm
 (z, y, x); sliding-window inference with {list(recipe.patch_size)}-voxel windows
-(Gaussian-weighted), probabilities resampled back to the native grid. All of this is read from
-`manifest.json`.
+(Gaussian-weighted), logits resampled back to the native grid. All of this is read from
+`manifest.json`. Seed 004 names only "a 3D U-Net"; its Dice 0.87 was brain MRI structures,
+not this task, and nothing here reproduces it.
 
 ## Training data (exactly)
 {data}
 
-Lesions in phantoms: hypodense liver metastases (60 %: necrotic core ~30 HU, tumour ~60 HU,
-rim ~90 HU against a 100-120 HU portal-venous liver), hyperdense liver metastases (20 %,
-140-180 HU), solid soft-tissue deposits in visceral fat (20 %, 35-90 HU); irregular shapes (low-order
-spherical-harmonic modulation of an ellipsoid), low-frequency texture, correlated noise
-10-20 HU. Inserted lesions in real CT: the same shapes, hypodense or hyperdense relative to the
-surrounding soft tissue, painted under the scanner's own noise. The real tumours already in
-lung1, lung2 and ibsi_sts_001 were excluded from the loss (neither lesion nor background) and
-from lesion placement. See `dicomnode/phantom.py` for every value.
+{split}
 
 Patches {list(recipe.patch_size)}, {recipe.lesion_patch_fraction:.0%} centred near a lesion,
 random flips on all axes, intensity jitter (+-25 HU offset, +-10 % contrast, up to 10 HU extra
 noise). Loss: Dice + binary cross-entropy (MONAI `DiceCELoss`, batch Dice). AdamW, learning
 rate {recipe.learning_rate:g}, warm-up then cosine decay; {report.epochs} epochs of
-{recipe.iterations_per_epoch} iterations of {recipe.batch_size} patches; the epoch with the best
-validation Dice was kept (epoch {report.best_epoch}).
+{recipe.iterations_per_epoch} iterations of {recipe.batch_size} patches; {kept}.
 
 Trained {training['date']} on {report.device} ({training['host']}) in
 {report.seconds / 60:.1f} min with torch {training['torch']}, MONAI {training['monai']}, seed
 {training['seed']}.
 
+## Evaluation
+{evaluation}
+Choosing `min_confidence` (on the **training** patients only, shipped weights; tumours found
+and false lesions per patient for each value):
+
+| min_confidence | tumours found | false lesions per patient |
+|---|---|---|
+{study}
+
+## Out of domain
+Lesions the node reports on whole CTs that are not limb or trunk sarcoma (none trained on):
+
+| CT | slices | lesions reported | of which on its drawn tumour |
+|---|---|---|---|
+{ood}
+
 ## Seeds
 - Training phantoms: `make_phantom_study` seeds {_seed_range(report.train_seeds)}.
-- Validation phantoms: seeds {_seed_range(report.validation_seeds)}
-  (geometry {recipe.validation_geometry[0]} voxels at {recipe.validation_geometry[1]} mm).
 - **Reserved: seeds >= {RESERVED_SEED_START}** are for tests and the demo and are never used
   in training or validation.
 
-## Evaluation
-- Validation Dice (mean over held-out phantoms, the node's own inference and post-processing,
-  native grid): **{report.best_validation_dice:.3f}**.
-- Real CT with lesions inserted by a generator seed not used in training. These volumes' own
-  anatomy WAS seen in training (with other lesions), so this checks that the model copes with
-  real anatomy and noise, not that it generalises to new patients:
-
-| case | inserted | Dice on inserted lesions | false-positive lesions | lesions found in the unmodified CT |
-|---|---|---|---|---|
-{checks}
-
-Published reference points for real tumours (not comparable: different data and task): liver
-tumour Dice 0.67-0.74 (LiTS), colorectal liver metastases about 0.80 internal / 0.60 external.
-
 ## Intended use
-Research and demonstration of the dicomnode pipeline (receive, segment, measure, report) on
-synthetic or de-identified data.
+Research on the dicomnode pipeline (receive, segment, measure, report) with de-identified
+sarcoma CT; a starting point a hospital retrains on its own cohort
+(`dicomnode train segmentation --cohort`).
 
 ## Limitations
-- Trained only on synthetic lesions: real metastases differ in shape, margin, enhancement and
-  context; sensitivity and specificity on real patients are unknown.
-- Few real backgrounds (at most {len(REAL_CT)} CT volumes); other body regions, contrast phases,
-  kernels, children, implants and artefacts were never seen.
-- Lesions smaller than 1.5 cm or larger than 4 cm were not trained on.
-- The node drops components below `min_lesion_ml`; lesions touching each other merge into one.
+- {len(report.split[0]) or 'No'} training patients from one public collection (one
+  institution's planning CTs, cropped around the tumour by the IBSI team); other scanners,
+  kernels, contrast phases, children, implants and whole-body fields of view were never seen.
+- The ground truth is one clinician's GTV per patient; the GTV may include oedema or exclude
+  parts a radiologist would call tumour.
+- Lesions touching each other merge into one; components below `min_lesion_ml` are dropped.
 - Not a medical device. Do not use it for diagnosis, treatment or any clinical decision.
 """

@@ -4,8 +4,10 @@ The shipped TMB and subtype models are DEMONSTRATION models: they are made by th
 commands a hospital runs on its own cohort (``dicomnode features``, ``dicomnode train tmb``,
 ``dicomnode train subtypes``), fed with the synthetic cohort of
 :mod:`dicomnode.train.synthetic` instead of patients. The segmentation model is trained by
-``dicomnode train segmentation`` on phantoms and on lesions inserted into the real CT of
-``../shared/data``. Each model folder's ``RECIPE.md`` names the command that made it.
+``dicomnode train segmentation`` on real patients: the sarcoma cohort
+``<data_root>/sts_cohort/cohort.csv`` (28 patients train, 7 validate, split by patient), with
+the chest and abdomen CTs of ``<data_root>`` as the out-of-domain check. Each model folder's
+``RECIPE.md`` names the command that made it.
 
 Because the cohort has planted truth, this command also checks the models against data they
 never saw: a held-out synthetic cohort drawn with another seed (TMB AUC, subtype agreement
@@ -31,6 +33,8 @@ from dicomnode.train.table import read_feature_table
 from dicomnode.train.tmb import classification_metrics, load_training_set, train_tmb
 
 PARTS = ("tmb", "subtypes", "segmentation")
+#: The real cohort the shipped segmentation model trains on, relative to ``data_root``.
+SEGMENTATION_COHORT = Path("sts_cohort") / "cohort.csv"
 TRAINING_CASES = 200
 HOLDOUT_CASES = 100
 #: The held-out cohort is drawn with ``seed + HOLDOUT_SEED_OFFSET``: no case is shared.
@@ -78,7 +82,11 @@ def train_shipped(
     if "segmentation" in parts:
         from dicomnode.train.segmentation import train_segmentation  # torch: only when asked
 
-        report = train_segmentation(models_dir / "segmentation", data_root=data_root, seed=seed,
+        if data_root is None or not (Path(data_root) / SEGMENTATION_COHORT).is_file():
+            raise TrainingError(f"the segmentation model trains on {SEGMENTATION_COHORT} under "
+                                f"--data-root, which is not at {data_root}")
+        report = train_segmentation(models_dir / "segmentation", data_root=data_root,
+                                    cohort=Path(data_root) / SEGMENTATION_COHORT, seed=seed,
                                     log=log)
         summaries.append(str(report))
     return summaries

@@ -26,7 +26,7 @@ def dicomnode(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[s
 def test_help_teaches_every_command():
     run = dicomnode("--help")
     assert run.returncode == 0
-    for command in ("serve", "process", "demo", "jobs", "retry", "train", "check-config"):
+    for command in ("serve", "process", "demo", "jobs", "retry", "train", "cohort", "check-config"):
         assert command in run.stdout
 
 
@@ -88,3 +88,47 @@ def test_demo_runs_end_to_end(tmp_path):
     srs = list((tmp_path / "demo" / "results").rglob("*.dcm"))
     assert any(pydicom.dcmread(p).Modality == "SR" for p in srs)
     assert any(pydicom.dcmread(p).Modality == "SEG" for p in srs)
+
+
+@pytest.mark.slow
+def test_process_measures_the_clinicians_rtstruct_then_its_seg_instead_of_the_model(tmp_path):
+    patient = SHARED / "sts_cohort" / "STS_011"
+    if not patient.exists():
+        pytest.skip(f"the sarcoma cohort is not at {patient.parent}")
+    source = tmp_path / "with-rtstruct"
+    source.mkdir()
+    for path in [*(patient / "CT" / "image").iterdir(), patient / "CT" / "rtstruct" / "RS.dcm"]:
+        (source / path.name).write_bytes(path.read_bytes())
+    run = dicomnode("process", str(source), "--out", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    assert "measuring the supplied RTSTRUCT instead of running the model" in run.stdout
+    (folder,) = (tmp_path / "out").iterdir()
+    summary = json.loads((folder / "summary.json").read_text())
+    rtstruct = pydicom.dcmread(patient / "CT" / "rtstruct" / "RS.dcm", stop_before_pixels=True)
+    assert summary["segmentation_source"]["kind"] == "RTSTRUCT"
+    assert summary["segmentation_source"]["sop_instance_uid"] == rtstruct.SOPInstanceUID
+    assert [lesion["confidence"] for lesion in summary["lesions"]] == [None]
+    for name in ("seg.dcm", "sr.dcm"):  # an RTSTRUCT input also gets a SEG, for viewers
+        assert dciodvfy_errors(folder / name) == [], name
+    sr = pydicom.dcmread(folder / "sr.dcm")
+    evidence = {item.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert rtstruct.SOPInstanceUID in evidence
+    assert f"RTSTRUCT {rtstruct.SOPInstanceUID}" in run.stdout
+
+    # The SEG that came out, given back as the input: measured, and no new SEG is written.
+    again = tmp_path / "with-seg"
+    again.mkdir()
+    for path in (patient / "CT" / "image").iterdir():
+        (again / path.name).write_bytes(path.read_bytes())
+    (again / "seg.dcm").write_bytes((folder / "seg.dcm").read_bytes())
+    run = dicomnode("process", str(again), "--out", str(tmp_path / "out2"))
+    assert run.returncode == 0, run.stderr
+    (folder2,) = (tmp_path / "out2").iterdir()
+    assert not (folder2 / "seg.dcm").exists()
+    second = json.loads((folder2 / "summary.json").read_text())
+    assert second["segmentation_source"]["kind"] == "SEG"
+    assert [lesion["volume_ml"] for lesion in second["lesions"]] == \
+        [lesion["volume_ml"] for lesion in summary["lesions"]]
+    assert dciodvfy_errors(folder2 / "sr.dcm") == [] and dsrdump_ok(folder2 / "sr.dcm")[0]

@@ -162,9 +162,13 @@ def test_jpeg2000_ct_is_stored_unchanged(
         assert kept.PixelData == original.PixelData  # the same JPEG 2000 codestreams
 
 
+def other_object(shared_data: Path) -> Path:
+    """A Comprehensive SR (dcmqi's example): neither CT nor a segmentation the node measures."""
+    return shared_data / "dcmqi" / "data" / "sr-example" / "sr.dcm"
+
+
 def test_non_ct_is_refused_under_reject_policy(node: Node, shared_data: Path) -> None:
-    rtstruct = shared_data / "ibsi_sts_001" / "dicom" / "CT" / "mask" / "RS.dcm"
-    done = storescu(node.port, rtstruct)
+    done = storescu(node.port, other_object(shared_data))
     assert done.returncode != 0
     assert "No presentation context" in done.stderr
     assert list(node.spool.root.rglob("*.dcm")) == []
@@ -175,15 +179,29 @@ def test_non_ct_is_stored_but_not_routed_under_accept_policy(
     start_node: Callable[..., Node], shared_data: Path
 ) -> None:
     node = start_node(non_ct="accept")
-    rtstruct = shared_data / "ibsi_sts_001" / "dicom" / "CT" / "mask" / "RS.dcm"
-    done = storescu(node.port, rtstruct)
+    done = storescu(node.port, other_object(shared_data))
     assert done.returncode == 0, done.stderr
-    sent = pydicom.dcmread(rtstruct)
+    sent = pydicom.dcmread(other_object(shared_data))
     assert pydicom.dcmread(stored_path(node, sent.SOPInstanceUID)) == sent
     assert node.index.pending_series() == []
     state = node.index.series_state(_key(sent))
     assert state.instance_count == 1 and not state.routable
     assert node.index.instance_paths(state.key) == []
+
+
+def test_a_radiologists_rtstruct_is_routed_unless_only_the_model_counts(
+    start_node: Callable[..., Node], shared_data: Path
+) -> None:
+    rtstruct = shared_data / "ibsi_sts_001" / "dicom" / "CT" / "mask" / "RS.dcm"
+    sent = pydicom.dcmread(rtstruct)
+    node = start_node()  # [segmentation] source = "auto"
+    done = storescu(node.port, rtstruct)
+    assert done.returncode == 0, done.stderr
+    state = node.index.series_state(_key(sent))
+    assert state.routable and node.index.series_modalities(state.key) == {"RTSTRUCT"}
+    model_only = start_node(segmentation_source="model")
+    done = storescu(model_only.port, rtstruct)
+    assert done.returncode != 0 and "No presentation context" in done.stderr
 
 
 # -- exact bytes and error statuses, with a pynetdicom SCU --------------------------------------

@@ -18,7 +18,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.config import ReportConfig
 from dicomnode.errors import ReportError
-from dicomnode.report import build_reports, load_template, summarize_sr, summary_json
+from dicomnode.report import (
+    UNSTATED_DEIDENTIFICATION,
+    build_reports,
+    load_template,
+    summarize_sr,
+    summary_json,
+)
 from dicomnode.types import (
     Analysis,
     Geometry,
@@ -99,7 +105,8 @@ def header(ds: Dataset) -> Dataset:
     return copied
 
 
-def lesion_of(labels: np.ndarray, label: int, spacing: tuple[float, float, float]) -> Lesion:
+def lesion_of(labels: np.ndarray, label: int, spacing: tuple[float, float, float],
+              confidence: float | None = None) -> Lesion:
     voxels = np.argwhere(labels == label)
     lo, hi = voxels.min(0), voxels.max(0) + 1
     return Lesion(
@@ -108,7 +115,12 @@ def lesion_of(labels: np.ndarray, label: int, spacing: tuple[float, float, float
         volume_ml=len(voxels) * float(np.prod(spacing)) / 1000.0,
         centroid_mm=tuple(float(c) for c in voxels.mean(0) * spacing),  # type: ignore[arg-type]
         bbox=tuple((int(a), int(b)) for a, b in zip(lo, hi)),  # type: ignore[arg-type]
+        confidence=confidence,
     )
+
+
+#: Lesion 1 was found by a model with this confidence; lesion 2 has none (drawn by a person).
+CONFIDENCE_1 = 0.9234
 
 
 def two_lesions(slices: int = SLICES) -> np.ndarray:
@@ -132,7 +144,8 @@ def make_analysis(
     labels = (
         two_lesions(len(images)) if with_lesions else np.zeros((len(images), ROWS, COLS), np.uint16)
     )
-    lesions = tuple(lesion_of(labels, k, spacing) for k in (1, 2)) if with_lesions else ()
+    lesions = ((lesion_of(labels, 1, spacing, CONFIDENCE_1), lesion_of(labels, 2, spacing))
+               if with_lesions else ())
     volume = Volume(
         hu=np.zeros(labels.shape, np.float32),
         geometry=Geometry(
@@ -304,6 +317,16 @@ def test_sr_measurements_volume_and_probability(files, analysis):
         assert algorithm[("111001", "DCM")] == "tmb-xgboost"  # Algorithm Name
         assert algorithm[("111003", "DCM")] == "0.3.1"  # Algorithm Version
         assert algorithm[("111002", "DCM")] == f"threshold={prediction.tmb_threshold:g}"
+
+
+def test_sr_carries_the_confidence_of_model_lesions_only(files):
+    sr = hd.sr.srread(files[1])
+    first, second = sr.content.get_volumetric_roi_measurement_groups()
+    certainty = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
+    (confidence,) = first.get_measurements(name=certainty)
+    assert confidence.value == pytest.approx(CONFIDENCE_1 * 100)
+    assert confidence.unit.value == "%" and confidence.unit.scheme_designator == "UCUM"
+    assert second.get_measurements(name=certainty) == []
 
 
 @pytest.mark.parametrize(
@@ -569,3 +592,21 @@ def test_over_long_values_copied_from_the_source_are_shortened():
     ds.InstitutionName = "Clinic"
     fit_inherited_values(ds)
     assert ds.StudyID == "IBSI_1_STS_001_C" and ds.InstitutionName == "Clinic"
+
+
+def test_a_source_that_says_deidentified_without_a_method_still_gives_valid_outputs(
+        template, config, tmp_path):
+    ct = synthetic_ct()
+    for ds in ct:  # as TCIA ships some series: the flag without the Type 1C method
+        ds.PatientIdentityRemoved = "YES"
+    reports = build_reports(make_analysis(ct), template=template, config=config, uid_seed="tcia")
+    seg_path, sr_path = written(reports, tmp_path)
+    for path in (seg_path, sr_path):
+        assert dciodvfy_errors(path) == [], path.name
+        written_ds = pydicom.dcmread(path)
+        assert written_ds.PatientIdentityRemoved == "YES"
+        assert written_ds.DeidentificationMethod == UNSTATED_DEIDENTIFICATION
+        assert written_ds.PatientName == ct[0].PatientName  # nothing about the patient changed
+    assert "DeidentificationMethod" not in ct[0]  # the source is left as it was
+    ok, output = dsrdump_ok(sr_path)
+    assert ok, output

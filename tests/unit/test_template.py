@@ -67,6 +67,10 @@ def mutated(document: dict[str, Any], change) -> dict[str, Any]:
             r"tracking_identifier: must contain \{label\}",
         ),
         (
+            lambda d: d["finding"]["confidence_unit"].update(value="cm"),
+            r"\[finding\]\.confidence_unit: 'cm' \(UCUM\) is not one of",
+        ),
+        (
             lambda d: d["volume"]["unit"].update(value="l"),
             r"\[volume\]\.unit: expected a UCUM volume unit",
         ),

@@ -12,6 +12,7 @@ import torch
 from scipy import ndimage
 
 from dicomnode.analyse.segment import Segmenter, sha256_of
+from dicomnode.config import SegmentationConfig
 from dicomnode.train.segmentation import (
     RESERVED_SEED_START,
     VALIDATION_SEED_START,
@@ -20,6 +21,7 @@ from dicomnode.train.segmentation import (
     train_segmentation,
 )
 
+CPU = SegmentationConfig(device="cpu")
 GEOMETRY = ((16, 64, 64), (2.5, 3.0, 3.0))
 TINY = Recipe(
     epochs=3,
@@ -80,7 +82,7 @@ def test_validation_seeds_are_held_out_and_not_reserved(run: TrainingReport) -> 
 
 
 def test_written_model_loads_in_the_segmenter(run: TrainingReport) -> None:
-    segmenter = Segmenter.load(run.out_dir, device="cpu")
+    segmenter = Segmenter.load(run.out_dir, CPU)
     assert segmenter.info.family == "3D U-Net"
     assert segmenter.manifest.roi_size == TINY.patch_size
 
@@ -132,5 +134,6 @@ def test_a_cohort_alone_trains_a_model_and_validates_on_held_out_cases(tmp_path:
     assert 0.0 <= report.best_validation_dice <= 1.0
     manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
     assert manifest["training"]["cohort"] == str(cohort)
-    assert f"--cohort {cohort} --phantoms 0" in (tmp_path / "model" / "RECIPE.md").read_text()
-    Segmenter.load(tmp_path / "model", device="cpu")
+    recipe_text = (tmp_path / "model" / "RECIPE.md").read_text()
+    assert f"--cohort {cohort}" in recipe_text and "--phantoms" not in recipe_text
+    Segmenter.load(tmp_path / "model", CPU)
