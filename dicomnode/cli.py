@@ -37,7 +37,7 @@ subtype, and sends back a DICOM SEG and a TID 1500 Structured Report.
 All predictions are research predictions from imaging, not clinical results.
 
 typical use:
-  dicomnode demo                                        watch the whole flow on a synthetic CT
+  dicomnode demo                                        watch the whole flow on a sarcoma CT
   dicomnode serve --config listeners/default.toml       run the DICOM listener
   dicomnode process ./ct-series --out ./results         same pipeline on a folder, no network
   dicomnode jobs                                        what the node did, with reasons
@@ -393,9 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(p)
     p.set_defaults(func=cmd_process)
 
-    p = sub.add_parser("demo", help="synthetic CT -> listener -> SEG + SR, end to end, on this machine",
-                       description="Make a synthetic CT study with known lesions, start a listener on a free "
-                                   "loopback port, send the study by C-STORE and show what came out.")
+    p = sub.add_parser("demo", help="sarcoma CT -> listener -> SEG + SR, end to end, on this machine",
+                       description="Take a real sarcoma CT the segmentation model never trained on "
+                                   "(../shared/data/sts_cohort/STS_006; a synthetic CT with known lesions "
+                                   "when that is not there), start a listener on a free loopback port, send "
+                                   "the study by C-STORE and show what came out, with the Dice against the "
+                                   "clinician's contour.")
     p.add_argument("--out", default="demo-output", help="folder for the demo's files (default: %(default)s)")
     p.add_argument("--seed", type=int, default=10001, help="phantom seed (10000+ are never used in training)")
     p.set_defaults(func=cmd_demo)
@@ -481,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes the synthetic cohort, measures it (`dicomnode features`), trains "
         "the TMB and subtype DEMONSTRATION models on it (`train tmb`, `train subtypes`), checks "
         "them on a held-out synthetic cohort, and trains the segmentation U-Net on the real "
-        "sarcoma cohort under --data-root (`train segmentation`). About an hour on 2 CPU "
+        "sarcoma cohort under --data-root (`train segmentation`). About 40 min on 2 CPU "
         "cores, most of it the U-Net.",
     )
     t.add_argument("--out", default="models", help="models root (default: models)")

@@ -161,9 +161,11 @@ class SegmentationConfig:
     min_lesion_ml: float = 1.0
     probability_threshold: float = 0.5
     #: Components whose mean probability is below this are dropped.
-    min_confidence: float = 0.75
-    #: Keep at most this many lesions, the most confident first (0: no limit).
-    max_lesions: int = 0
+    min_confidence: float = 0.8
+    #: Keep at most this many lesions, the most confident first (0: no limit). 1 by default:
+    #: the shipped model learnt one gross tumour per patient (every training case has exactly
+    #: one), and out of its domain one wrong lesion is better than several.
+    max_lesions: int = 1
     #: Look for lesions only inside the body (the largest connected region above -500 HU,
     #: holes filled slice by slice): nothing in the air, on the table or in the blankets.
     body_only: bool = True

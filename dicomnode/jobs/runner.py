@@ -197,13 +197,15 @@ class Runner:
         try:
             datasets = read_inputs(job.inputs)
             ct = [ds for ds in datasets if not is_segmentation(ds)]
+            supplied = len(ct) < len(datasets)
             outcome = self.pipeline.run(
                 datasets,
                 uid_seed=job.id,
-                key=SeriesKey(ct[0].StudyInstanceUID, ct[0].SeriesInstanceUID) if ct else job.key,
+                # A supplied segmentation's job is keyed by its own series; the CT is analysed.
+                key=_series_key(ct[0]) if supplied and ct else job.key,
                 allow_gaps=bool(job.warnings),
                 progress=lambda stage: log.info("job %s: %s", job.id, stage),
-                predecessors=self._earlier_reports(job, ct) if len(ct) < len(datasets) else (),
+                predecessors=self._earlier_reports(job, ct) if supplied else (),
             )
         except DicomNodeError as exc:
             log.error("job %s failed: %s", job.id, exc)
@@ -298,6 +300,10 @@ def read_inputs(paths: Sequence[Path]) -> list[pydicom.Dataset]:
                 f"spooled instance {path.name} cannot be read: {type(exc).__name__}: {exc}"
             ) from None
     return datasets
+
+
+def _series_key(ds: pydicom.Dataset) -> SeriesKey:
+    return SeriesKey(str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")))
 
 
 def _read_summary(path: Path) -> dict:

@@ -17,6 +17,7 @@ Neither summary contains the patient's name or ID.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,21 +85,25 @@ def build_reports(
     """
     labels = tuple(lesion.label for lesion in analysis.segmentation.lesions)
     uids = ReportUids.derive(uid_seed, labels)
-    supplied = analysis.segmentation.supplied
-    seg = None
-    if labels and (supplied is None or supplied.kind != "SEG"):
-        seg = build_seg(
-            analysis, template=template, config=config, uids=uids, series_number=series_number_base
+    with warnings.catch_warnings():
+        # highdicom warns about a one-component PatientName with the name in the message
+        # (check_person_name): patient data in the log. The name is copied as the source has it.
+        warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
+        supplied = analysis.segmentation.supplied
+        seg = None
+        if labels and (supplied is None or supplied.kind != "SEG"):
+            seg = build_seg(
+                analysis, template=template, config=config, uids=uids, series_number=series_number_base
+            )
+        sr = build_sr(
+            analysis,
+            seg=seg if seg is not None or not labels or supplied is None else supplied.header,
+            template=template,
+            config=config,
+            uids=uids,
+            series_number=series_number_base + 1,
+            predecessors=predecessors,
         )
-    sr = build_sr(
-        analysis,
-        seg=seg if seg is not None or not labels or supplied is None else supplied.header,
-        template=template,
-        config=config,
-        uids=uids,
-        series_number=series_number_base + 1,
-        predecessors=predecessors,
-    )
     outputs = [ds for ds in (seg, sr) if ds is not None]
     for ds in outputs:
         fit_inherited_values(ds)
@@ -106,6 +111,9 @@ def build_reports(
     settle_character_set(outputs, analysis.volume.sources[0])
     return ReportSet(sr=sr, seg=seg)
 
+
+#: highdicom's warning whose text holds the patient's name (never logged).
+PERSON_NAME_WARNING = r".*is unlikely to represent the intended person name"
 
 #: Maximum value lengths of the string VRs that are copied from the source CT (PS3.5 6.2).
 _MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64}

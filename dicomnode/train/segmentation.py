@@ -1,31 +1,31 @@
-"""Train the DEMONSTRATION lesion-segmentation 3D U-Net that :mod:`dicomnode.analyse.segment` runs.
+"""Train the lesion-segmentation 3D U-Net that :mod:`dicomnode.analyse.segment` runs.
 
-``dicomnode train segmentation --out models/segmentation [--data-root ../shared/data]
-[--epochs N] [--seed S]`` runs :func:`train_segmentation`, which
+``dicomnode train segmentation --cohort C.csv --out DIR [--data-root ../shared/data]
+[--phantoms N] [--epochs N] [--seed S]`` runs :func:`train_segmentation`, which
 
-1. makes synthetic abdominal CT phantoms (:func:`dicomnode.phantom.make_phantom_study`) with
-   seeds ``0 .. n_phantoms - 1`` in three geometries, plus lesion-free water volumes;
-2. when ``cohort`` is given, loads a hospital's CT with their lesion masks (a cohort CSV, see
-   ``docs/cohorts.md``: DICOM, NIfTI/NRRD or DICOMweb images; SEG, RTSTRUCT or NIfTI/NRRD
-   masks), every :attr:`Recipe.cohort_validation_every`-th case held out for validation;
-3. when ``data_root`` is given, inserts synthetic lesions (:func:`dicomnode.phantom.insert_lesions`)
-   into the real CT volumes listed in :data:`REAL_CT` (missing files are skipped with a log
-   line); the real tumours those volumes already contain are excluded from the loss (neither
-   lesion nor background) and from lesion placement;
-4. brings every volume onto the training grid with the very preprocessing the node uses
+1. loads a cohort of CT with the tumours drawn (a cohort CSV, see ``docs/cohorts.md``: DICOM,
+   NIfTI/NRRD or DICOMweb images; SEG, RTSTRUCT or NIfTI/NRRD masks) and splits it by patient
+   (:func:`split_by_patient`: every :attr:`Recipe.cohort_validation_every`-th case validates);
+2. optionally adds synthetic phantoms (:func:`dicomnode.phantom.make_phantom_study`, seeds
+   ``0 .. n_phantoms - 1``), lesion-free water volumes, and synthetic lesions inserted into the
+   real CT of ``data_root`` (``real_variants``);
+3. brings every volume onto the training grid with the very preprocessing the node uses
    (:class:`dicomnode.analyse.segment.Preprocessing`);
-5. trains a MONAI ``UNet`` on patches (two thirds centred near a lesion), with random flips
-   and intensity jitter, Dice + cross-entropy loss (``monai.losses.DiceCELoss``), AdamW and a
-   cosine learning-rate schedule;
-6. after each epoch, segments held-out phantoms (seeds from :data:`VALIDATION_SEED_START`,
-   never trained on) and the held-out cohort cases with
-   :class:`~dicomnode.analyse.segment.Segmenter` exactly as the node would, and keeps the
-   weights with the best mean Dice;
+4. trains a MONAI ``UNet`` on patches (part of them centred near a lesion), with random flips
+   and intensity jitter, Dice + cross-entropy loss (``monai.losses.DiceCELoss``), AdamW, a
+   cosine learning-rate schedule and an exponential moving average of the weights;
+5. after each epoch, segments the validation patients (and held-out phantoms, when phantoms
+   are used) with :class:`~dicomnode.analyse.segment.Segmenter` exactly as the node would;
+6. ships the last averaged weights (``select_best_epoch`` picks by validation instead), then
+   scores each validation patient (:func:`evaluate_case`: Dice, tumour found, false lesions),
+   studies ``min_confidence`` on the training patients, and counts the lesions reported on
+   the whole chest and abdomen CTs of ``data_root`` (out of domain);
 7. writes ``weights.pt``, ``manifest.json``, ``training_curve.png``, ``MODEL_CARD.md`` and
    ``RECIPE.md`` into ``out_dir``.
 
-Seeds 10000 and above are reserved for tests and the demo and are never used here.
-Deterministic for a given seed, device and thread count.
+The :class:`Recipe` defaults train the shipped model on the sarcoma cohort of
+``../shared/data/sts_cohort``. Seeds 10000 and above are reserved for tests and the demo and
+are never used here. Deterministic for a given seed, device and thread count.
 """
 
 from __future__ import annotations
@@ -307,13 +307,33 @@ def _read_real_ct(path: Path) -> tuple[NDArray[np.float32], tuple[float, float, 
 
         from dicomnode.assemble import assemble
 
-        volume = assemble([pydicom.dcmread(p) for p in sorted(path.iterdir()) if p.is_file()])
+        datasets = [pydicom.dcmread(p) for p in sorted(path.iterdir()) if p.is_file()]
+        volume = assemble(restore_blank_uids(datasets, str(path.name)))
         return volume.hu, volume.geometry.spacing
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(path))
     spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
     return sitk.GetArrayFromImage(image).astype(np.float32), spacing  # type: ignore[return-value]
+
+
+def restore_blank_uids(datasets: Sequence[Any], seed: str) -> list[Any]:
+    """Fill blank SOP Class/Instance UIDs from the file meta and Study/Series UIDs from ``seed``.
+
+    The TotalSegmentator example CT was anonymised with blank dataset UIDs, which assembly
+    refuses (no report could reference such images). Here it is only a check volume that is
+    never reported on; the pixel data stays untouched.
+    """
+    import pydicom
+
+    study = pydicom.uid.generate_uid(entropy_srcs=[seed, "study"])
+    series = pydicom.uid.generate_uid(entropy_srcs=[seed, "series"])
+    for ds in datasets:
+        ds.SOPClassUID = ds.get("SOPClassUID") or ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.get("SOPInstanceUID") or ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = ds.get("StudyInstanceUID") or study
+        ds.SeriesInstanceUID = ds.get("SeriesInstanceUID") or series
+    return list(datasets)
 
 
 def _read_mask(path: Path) -> NDArray[np.bool_]:
@@ -715,6 +735,9 @@ def _train(out_dir: Path, *, data_root: Path | None, cohort: Path | None,
     train_seconds = time.perf_counter() - started
 
     network.load_state_dict(best[2])
+    # The weights first: an evaluation that fails must not cost the training.
+    torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()},
+               out_dir / "weights.pt")
     per_patient, study, checks = evaluate_model(Segmenter(network, manifest, settings),
                                                 train_cases, val_cases, data_root, log)
     report = TrainingReport(

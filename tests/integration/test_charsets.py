@@ -1,6 +1,6 @@
 """Non-ASCII names through the real node to a real Orthanc, and character sets that are wrong.
 
-Each case is a small phantom CT stored into Orthanc with ``storescu``; Orthanc auto-routes it
+Each case is a held-out sarcoma CT (its own study) stored into Orthanc with ``storescu``; Orthanc auto-routes it
 to the node (``python -m dicomnode serve``), whose SEG and SR come back by STOW-RS, as in
 test_end_to_end. The checks read what Orthanc holds: the stored files, byte for byte (the
 names pydicom decodes from them, their Specific Character Set, dciodvfy and dsrdump), and the
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 
-from dicomnode.phantom import make_phantom_study, write_study
 from nodeproc import NodeProcess, write_config
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
 from routing import ROUTE_CT, store_to_pacs, wait_for_outcome
+from sarcoma import held_out_series
 from validate import dciodvfy_errors, dsrdump_ok
 
 #: Text the node adds itself (configuration): Latin-1, so it fits every case below.
@@ -107,12 +107,12 @@ def charset_node(tmp_path_factory):
 
 
 def ct_series(case: Case, folder: Path) -> tuple[list[Path], Dataset]:
-    """A 16-slice phantom of its own study whose text is encoded as ``case`` says."""
-    phantom = make_phantom_study(10_500, shape=(16, 64, 64), spacing=(2.5, 2.0, 2.0),
-                                 n_lesions=1, patient_id=f"CHARSET-{case.id}")
+    """A held-out sarcoma CT (the model finds its tumour: a SEG and an SR come back) as a
+    study of its own, whose text is encoded as ``case`` says."""
     name = case.name_bytes + b" " * (len(case.name_bytes) % 2)  # even length (PS3.5 7.1.1)
     placeholder = b"~" * len(name)
-    for ds in phantom.datasets:
+
+    def encode(ds: Dataset) -> None:
         if case.charset is None:
             del ds.SpecificCharacterSet
         else:
@@ -120,12 +120,14 @@ def ct_series(case: Case, folder: Path) -> tuple[list[Path], Dataset]:
         for keyword, value in case.text.items():
             setattr(ds, keyword, value)  # encoded with the declared set when written
         ds.PatientName = placeholder.decode()
-    files = write_study(phantom, folder)
+        ds.PatientID = f"CHARSET-{case.id}"
+
+    files = held_out_series("STS_026", folder, uid_seed=f"charset-{case.id}", edit=encode)
     for path in files:  # the name's bytes exactly as given, whatever the declaration says
         data = path.read_bytes()
         assert data.count(placeholder) == 1
         path.write_bytes(data.replace(placeholder, name))
-    return files, phantom.datasets[0]
+    return files, dcmread(files[0], stop_before_pixels=True)
 
 
 def orthanc_id(pacs: Orthanc, sop_instance_uid: str) -> str:
@@ -143,7 +145,7 @@ def test_names_in_every_character_set_reach_the_pacs_intact(charset_node, tmp_pa
     for case in CASES:  # all series at once: the node works through them one by one
         files, first = ct_series(case, tmp_path / case.id)
         assert case.name_bytes in files[0].read_bytes()
-        store_to_pacs(pacs, files)
+        store_to_pacs(pacs, files, "--propose-jls-lossless")
         sources[case.id] = first
 
     for case in CASES:

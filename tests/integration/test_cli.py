@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicomnode.phantom import make_phantom_study, write_study
+from sarcoma import held_out_series, require_cohort
 from validate import dciodvfy_errors, dsrdump_ok
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,24 +40,25 @@ def test_check_config_names_the_bad_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_process_writes_seg_sr_and_summary_for_a_phantom(tmp_path):
-    phantom = make_phantom_study(10003)
-    write_study(phantom, tmp_path / "in")
+def test_process_writes_seg_sr_and_summary_for_a_sarcoma_ct(tmp_path):
+    files = held_out_series("STS_026", tmp_path / "in")
+    ct = pydicom.dcmread(files[0], stop_before_pixels=True)
     run = dicomnode("process", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
     assert run.returncode == 0, run.stderr
-    folder = tmp_path / "out" / phantom.datasets[0].SeriesInstanceUID
+    folder = tmp_path / "out" / ct.SeriesInstanceUID
     summary = json.loads((folder / "summary.json").read_text())
     assert len(summary["lesions"]) >= 1
     for lesion in summary["lesions"]:
         assert 0.0 <= lesion["tmb_probability"] <= 1.0
         assert lesion["tmb_status"] in {"high", "low"}
+        assert 0.8 <= lesion["confidence"] <= 1.0  # the default min_confidence
+    assert summary["segmentation_source"] == {"kind": "model"}
     assert dciodvfy_errors(folder / "seg.dcm") == []
     assert dciodvfy_errors(folder / "sr.dcm") == []
     assert dsrdump_ok(folder / "sr.dcm")[0]
     # Nothing identifying in what the command printed or the summary.
     for text in (run.stdout, run.stderr, json.dumps(summary)):
-        assert str(phantom.datasets[0].PatientName) not in text
-        assert phantom.datasets[0].PatientID not in text
+        assert str(ct.PatientName) not in text and ct.PatientID not in text
 
 
 def test_process_refuses_three_slices_with_a_reason(tmp_path):
@@ -80,11 +81,14 @@ def test_process_refuses_a_folder_without_dicom(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
+    require_cohort()  # the demo sends a real sarcoma CT when the shared data is there
     run = dicomnode("demo", "--out", str(tmp_path / "demo"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Dice of the SEG against the phantom's true lesions" in run.stdout
-    score = float(run.stdout.split("true lesions:")[1].split()[0])
-    assert score >= 0.8
+    assert "real sarcoma CT STS_006" in run.stdout
+    marker = "Dice of the SEG against the clinician's tumour contour (GTV):"
+    assert marker in run.stdout
+    score = float(run.stdout.split(marker)[1].split()[0])
+    assert score >= 0.6
     srs = list((tmp_path / "demo" / "results").rglob("*.dcm"))
     assert any(pydicom.dcmread(p).Modality == "SR" for p in srs)
     assert any(pydicom.dcmread(p).Modality == "SEG" for p in srs)
@@ -92,9 +96,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_process_measures_the_clinicians_rtstruct_then_its_seg_instead_of_the_model(tmp_path):
-    patient = SHARED / "sts_cohort" / "STS_011"
-    if not patient.exists():
-        pytest.skip(f"the sarcoma cohort is not at {patient.parent}")
+    patient = require_cohort() / "STS_011"
     source = tmp_path / "with-rtstruct"
     source.mkdir()
     for path in [*(patient / "CT" / "image").iterdir(), patient / "CT" / "rtstruct" / "RS.dcm"]:

@@ -23,13 +23,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicomnode.phantom import make_phantom_study, write_study
 from nodeproc import NodeProcess, query, wait_until, write_config
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc, free_port
+from sarcoma import held_out_series
 from tcpproxy import HoldingProxy, body
 
 STORESCU = Path("/usr/bin/storescu")
-SLICES = 80
+#: A held-out sarcoma patient of 68 slices: the real model finds its tumour, so every trial
+#: has a SEG and an SR to deliver.
+CASE, SLICES = "STS_006", 68
 pytestmark = pytest.mark.skipif(
     not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists() and STORESCU.exists()),
     reason="needs orthanc, orthanc-dicomweb and dcmtk",
@@ -64,7 +66,7 @@ def send(port: int, folder: Path) -> subprocess.Popen[str]:
 def crash_node(tmp_path: Path, stow_url: str, *, quiet_seconds: float = 5,
                timeout_seconds: float = 5) -> tuple[NodeProcess, Path, Path]:
     """A node delivering to ``stow_url`` with short retries, not started yet; its data
-    directory; and a folder with the phantom series to send it."""
+    directory; and a folder with a real sarcoma CT (its tumour gives a SEG) to send it."""
     port, data_dir = free_port(), tmp_path / "node"
     config = write_config(
         tmp_path / "node.toml", port=port, data_dir=data_dir,
@@ -73,9 +75,8 @@ def crash_node(tmp_path: Path, stow_url: str, *, quiet_seconds: float = 5,
         completion={"quiet_seconds": quiet_seconds},
         delivery={"retry_initial_seconds": 1, "retry_factor": 2, "retry_max_seconds": 2},
     )
-    phantom = make_phantom_study(10_300, shape=(SLICES, 128, 128), spacing=(2.5, 1.5, 1.5))
     folder = tmp_path / "ct"
-    write_study(phantom, folder)
+    assert len(held_out_series(CASE, folder, decompress=True)) == SLICES
     return NodeProcess(config, port, tmp_path / "node.log"), data_dir, folder
 
 

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "dicomnode"
 PURE = [
     "types.py", "errors.py", "assemble.py", "pipeline.py", "series/completion.py",
     "analyse/segment.py", "analyse/radiomics.py", "analyse/regional.py", "analyse/measure.py",
-    "analyse/predict.py",
+    "analyse/predict.py", "analyse/supplied.py", "masks.py",
     "report/seg.py", "report/sr.py", "report/template.py", "report/charset.py", "jobs/machine.py",
 ]
 EDGE_IMPORTS = {"socket", "sqlite3", "subprocess", "pynetdicom", "requests", "dicomweb_client",

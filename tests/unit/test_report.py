@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -610,3 +611,13 @@ def test_a_source_that_says_deidentified_without_a_method_still_gives_valid_outp
     assert "DeidentificationMethod" not in ct[0]  # the source is left as it was
     ok, output = dsrdump_ok(sr_path)
     assert ok, output
+
+
+def test_no_warning_carries_the_patients_name(template, config):
+    ct = synthetic_ct()
+    for ds in ct:  # a one-component name: highdicom warns, quoting it
+        ds.PatientName = "Onlyname"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_reports(make_analysis(ct), template=template, config=config, uid_seed="name")
+    assert not [w for w in caught if "Onlyname" in str(w.message)]

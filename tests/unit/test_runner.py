@@ -6,11 +6,14 @@ decides what they answer; the real pipeline and real destinations run in the int
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
+import pydicom
 import pytest
 
-from dicomnode.config import CompletionConfig, Config, DeliveryConfig
+from dicomnode.config import CompletionConfig, Config, DeliveryConfig, SegmentationConfig
 from dicomnode.errors import AssemblyError
 from dicomnode.jobs.machine import JobEvent, JobState
 from dicomnode.jobs.runner import Runner
@@ -234,3 +237,111 @@ def delivering_job(jobs: JobStore):
     job = jobs.create(KEY, [], now=T0)
     jobs.transition(job.id, JobEvent.START, now=T0)
     return jobs.transition(job.id, JobEvent.REPORTED, now=T0)
+
+
+# -- supplied segmentations: a radiologist's RTSTRUCT or SEG with the CT it was drawn on ---------
+
+
+def record_file(path: Path, at: float) -> InstanceRecord:
+    """What the receiver records for a real file (the header elements the index keeps)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    position = ds.get("ImagePositionPatient")
+    return InstanceRecord(
+        sop_instance_uid=ds.SOPInstanceUID, key=SeriesKey(ds.StudyInstanceUID, ds.SeriesInstanceUID),
+        sop_class_uid=ds.SOPClassUID, transfer_syntax=ds.file_meta.TransferSyntaxUID, path=path,
+        received_at=at, calling_ae="PACS", association_id="a1", routable=True,
+        modality=ds.Modality, position_along_normal=float(position[2]) if position else None,
+        orientation=AXIAL if position else None, instance_number=ds.get("InstanceNumber"),
+        rows=ds.get("Rows"), cols=ds.get("Columns"),
+    )
+
+
+@pytest.fixture
+def sarcoma(shared_data: Path) -> tuple[list[Path], Path]:
+    folder = shared_data / "ibsi_sts_001" / "dicom" / "CT"
+    return sorted((folder / "image").iterdir()), folder / "mask" / "RS.dcm"
+
+
+def supplied_runner(parts, clock, source: str) -> Runner:
+    runner = make_runner(parts, clock)
+    runner.config = dataclasses.replace(runner.config,
+                                        segmentation=SegmentationConfig(source=source))
+    return runner
+
+
+def test_an_rtstruct_sent_before_its_ct_goes_with_the_ct_into_one_job(parts, sarcoma):
+    index, jobs, _ = parts
+    ct, rtstruct = sarcoma
+    clock = Clock()
+    runner = supplied_runner(parts, clock, "auto")
+    index.record_instance(record_file(rtstruct, T0))
+    clock.now = T0 + 10
+    assert runner.take_complete_series() == []  # its CT is not here yet: it waits
+    for path in ct:
+        index.record_instance(record_file(path, T0 + 20))
+    clock.now = T0 + 30
+    (job,) = runner.take_complete_series()
+    assert set(job.inputs) == {*ct, rtstruct}  # the CT job measures the radiologist's contours
+    clock.now = T0 + 60
+    assert runner.take_complete_series() == [] and len(jobs.all()) == 1
+
+
+def test_an_rtstruct_sent_after_its_ct_is_a_job_of_its_own(parts, sarcoma):
+    index, jobs, _ = parts
+    ct, rtstruct = sarcoma
+    clock = Clock()
+    runner = supplied_runner(parts, clock, "auto")
+    for path in ct:
+        index.record_instance(record_file(path, T0))
+    clock.now = T0 + 10
+    (model_job,) = runner.take_complete_series()
+    assert set(model_job.inputs) == set(ct)
+    index.record_instance(record_file(rtstruct, T0 + 100))
+    clock.now = T0 + 110
+    (supplied_job,) = runner.take_complete_series()
+    assert set(supplied_job.inputs) == {*ct, rtstruct}
+    assert supplied_job.key.series_uid == pydicom.dcmread(rtstruct).SeriesInstanceUID
+
+
+def test_with_source_supplied_a_ct_alone_waits_for_its_contours(parts, sarcoma):
+    index, jobs, _ = parts
+    ct, rtstruct = sarcoma
+    clock = Clock()
+    runner = supplied_runner(parts, clock, "supplied")
+    for path in ct:
+        index.record_instance(record_file(path, T0))
+    clock.now = T0 + 10
+    assert runner.take_complete_series() == [] and jobs.all() == []
+    index.record_instance(record_file(rtstruct, T0 + 100))
+    clock.now = T0 + 110
+    (job,) = runner.take_complete_series()
+    assert set(job.inputs) == {*ct, rtstruct}
+
+
+def test_our_own_seg_back_from_the_pacs_is_not_measured(parts, sarcoma, tmp_path):
+    index, jobs, tmp = parts
+    ct, _ = sarcoma
+    clock = Clock()
+    runner = supplied_runner(parts, clock, "auto")
+    seg = pydicom.Dataset()
+    seg.SOPClassUID, seg.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.3.4.5.6"
+    seg.StudyInstanceUID = pydicom.dcmread(ct[0]).StudyInstanceUID
+    seg.SeriesInstanceUID, seg.Modality = "1.2.3.4.5", "SEG"
+    seg.ReferencedSeriesSequence = [pydicom.Dataset()]
+    seg.ReferencedSeriesSequence[0].SeriesInstanceUID = pydicom.dcmread(ct[0]).SeriesInstanceUID
+    seg.file_meta = pydicom.dataset.FileMetaDataset()
+    seg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    seg.file_meta.MediaStorageSOPClassUID, seg.file_meta.MediaStorageSOPInstanceUID = (
+        seg.SOPClassUID, seg.SOPInstanceUID)
+    seg.save_as(tmp_path / "ours.dcm", enforce_file_format=True)
+    (tmp / "results" / "job1").mkdir(parents=True)  # a result of ours that wrote this SEG
+    (tmp / "results" / "job1" / "summary.json").write_text(json.dumps(
+        {"outputs": {"seg": {"sop_instance_uid": seg.SOPInstanceUID}}}))
+    for path in ct:
+        index.record_instance(record_file(path, T0))
+    index.record_instance(record_file(tmp_path / "ours.dcm", T0 + 100))
+    clock.now = T0 + 10
+    assert len(runner.take_complete_series()) == 1  # the CT
+    clock.now = T0 + 110
+    assert runner.take_complete_series() == [] and len(jobs.all()) == 1
+    assert index.pending_series() == []  # taken, not left waiting
