@@ -913,7 +913,8 @@ equivalently, in Python:
 ```python
 from pathlib import Path
 from dicomnode.train.segmentation import train_segmentation
-train_segmentation(Path("{report.out_dir}"), data_root={f'Path("{data_root}")' if data_root else None}, seed={seed})
+train_segmentation(Path("{report.out_dir}"), data_root={f'Path("{data_root}")' if data_root else None},
+                   cohort={f'Path("{cohort}")' if cohort else None}, seed={seed})
 ```
 
 Settings (`dicomnode.train.segmentation.Recipe` defaults{'' if recipe == Recipe() else ', with changes'}):
