@@ -234,19 +234,26 @@ def functional_group(ds: Dataset, frame_index: int, sequence: str) -> Dataset | 
     return None
 
 
+def frame_plane(ds: Dataset, frame_index: int) -> tuple[Dataset, Dataset, Dataset] | None:
+    """A frame's Plane Position, Plane Orientation and Pixel Measures items (PS3.3
+    C.7.6.16.2), or ``None`` when one is missing and the frame cannot be placed in space."""
+    items = tuple(functional_group(ds, frame_index, name) for name in
+                  ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
+    return None if any(item is None for item in items) else items  # type: ignore[return-value]
+
+
 def _multi_frame_slices(ds: Dataset, index: int) -> list[_Slice]:
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     slices = []
     for f in range(n_frames):
         where = f"frame {f + 1}"
-        position = functional_group(ds, f, "PlanePositionSequence")
-        orientation = functional_group(ds, f, "PlaneOrientationSequence")
-        measures = functional_group(ds, f, "PixelMeasuresSequence")
-        if position is None or orientation is None or measures is None:
+        plane = frame_plane(ds, f)
+        if plane is None:
             raise AssemblyError(
                 f"{where}: the Plane Position, Plane Orientation or Pixel Measures functional "
                 "group is missing (PS3.3 C.7.6.16.2); the frame cannot be placed in space"
             )
+        position, orientation, measures = plane
         transform = functional_group(ds, f, "PixelValueTransformationSequence")
         rescale = transform if transform is not None else ds
         frame_type = functional_group(ds, f, "CTImageFrameTypeSequence")

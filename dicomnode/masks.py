@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.path import Path as Polygon
 from pydicom import Dataset
 
-from dicomnode.assemble import functional_group
+from dicomnode.assemble import frame_plane, functional_group
 from dicomnode.errors import MaskError
 from dicomnode.types import Geometry
 
@@ -134,14 +134,13 @@ def segment_numbers(seg: Dataset, roi: str | None, where: str) -> tuple[int, ...
 def _frame_origin(seg: Dataset, frame: int, image: ImageGrid, where: str) -> tuple[int, int, int]:
     """The image voxel ``(z, y, x)`` of a frame's first pixel; the frame must lie on the grid."""
     here = f"{where}, frame {frame + 1}"
-    position = functional_group(seg, frame, "PlanePositionSequence")
-    orientation = functional_group(seg, frame, "PlaneOrientationSequence")
-    measures = functional_group(seg, frame, "PixelMeasuresSequence")
-    if position is None or orientation is None or measures is None:
+    plane = frame_plane(seg, frame)
+    if plane is None:
         raise MaskError(
             f"{here}: no Plane Position, Plane Orientation or Pixel Measures; the frame "
             "cannot be placed on the image"
         )
+    position, orientation, measures = plane
     cosines = np.asarray(orientation.ImageOrientationPatient, dtype=np.float64)
     spacing = np.asarray(measures.PixelSpacing, dtype=np.float64)
     same_axes = (cosines[:3] @ image.geometry.row_direction >= PARALLEL
