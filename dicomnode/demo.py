@@ -51,17 +51,16 @@ def real_patient_study(folder: Path) -> DemoStudy:
     import pydicom
 
     from dicomnode.assemble import assemble
-    from dicomnode.cohort import CohortRow, load_case
+    from dicomnode.masks import ImageGrid, rtstruct_mask
 
-    images = sorted((folder / "CT" / "image").glob("*.dcm"))
-    datasets = tuple(pydicom.dcmread(p) for p in images)
-    row = CohortRow(case_id=folder.name, image=str(folder / "CT" / "image"),
-                    mask=str(folder / "CT" / "rtstruct" / "RS.dcm"), roi="GTV_Mass_CT",
-                    mask_label=None, organ_mask=None, targets={}, line=0)
-    case = load_case(row, base_dir=folder)
-    order = tuple(ds.SOPInstanceUID for ds in assemble(list(datasets)).sources)
+    datasets = tuple(pydicom.dcmread(p) for p in sorted((folder / "CT" / "image").glob("*.dcm")))
+    volume = assemble(list(datasets))
+    truth = rtstruct_mask(pydicom.dcmread(folder / "CT" / "rtstruct" / "RS.dcm"),
+                          ImageGrid(volume.hu, volume.geometry, volume.frame_of_reference_uid),
+                          "GTV_Mass_CT", f"{folder.name} RTSTRUCT")
     return DemoStudy(f"real sarcoma CT {folder.name} (a patient the model never trained on)",
-                     datasets, case.mask, order, "the clinician's tumour contour (GTV)")
+                     datasets, truth, tuple(ds.SOPInstanceUID for ds in volume.sources),
+                     "the clinician's tumour contour (GTV)")
 
 
 def phantom_study(seed: int) -> DemoStudy:

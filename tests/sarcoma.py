@@ -60,11 +60,11 @@ def held_out_series(case_id: str, folder: Path, *, uid_seed: str | None = None,
 def gtv(case_id: str) -> tuple[np.ndarray, list[str]]:
     """The clinician's GTV on the CT grid, and the SOP Instance UIDs of its slices in order."""
     from dicomnode.assemble import assemble
-    from dicomnode.cohort import load_case, read_cohort
+    from dicomnode.masks import ImageGrid, rtstruct_mask
 
-    cohort = require_cohort()
-    (row,) = [r for r in read_cohort(cohort / "cohort.csv") if r.case_id == case_id]
-    case = load_case(row, base_dir=cohort)
-    images = sorted((cohort / case_id / "CT" / "image").iterdir())
-    volume = assemble([pydicom.dcmread(p, stop_before_pixels=False) for p in images])
-    return case.mask, [str(ds.SOPInstanceUID) for ds in volume.sources]
+    folder = require_cohort() / case_id / "CT"
+    volume = assemble([pydicom.dcmread(p) for p in sorted((folder / "image").iterdir())])
+    mask = rtstruct_mask(pydicom.dcmread(folder / "rtstruct" / "RS.dcm"),
+                         ImageGrid(volume.hu, volume.geometry, volume.frame_of_reference_uid),
+                         "GTV_Mass_CT", case_id)
+    return mask, [str(ds.SOPInstanceUID) for ds in volume.sources]

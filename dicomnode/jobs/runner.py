@@ -61,6 +61,8 @@ class Runner:
         self.pipeline = pipeline
         self.results_root = results_root
         self.clock = clock
+        #: Spooled segmentation file -> the series it references (read once per file).
+        self._referenced: dict[Path, frozenset[str]] = {}
         d = config.delivery
         self.backoff = Backoff(
             initial_seconds=d.retry_initial_seconds,
@@ -134,17 +136,17 @@ class Runner:
 
     def _take_supplied(self, state: SeriesState, now: float) -> Job | None:
         """A job for an RTSTRUCT/SEG series once its CT is complete; ``None`` while waiting."""
+        cts = [ct for uid in sorted(self._references(state.key))
+               if (ct := self.index.find_series(uid)) is not None
+               and ct.instance_count and ct.new_instances == 0]
+        if not cts:  # polled until the CT is complete: checks only what the index knows
+            log.debug("series %s waits for the CT it was drawn on", state.key.series_uid)
+            return None
         paths = self.index.instance_paths(state.key)
         if {self._header(p).SOPInstanceUID for p in paths} <= self._our_seg_uids():
             self.index.mark_taken(state.key, len(paths))
             log.info("series %s is a SEG this node wrote, back from the PACS: not measured",
                      state.key.series_uid)
-            return None
-        cts = [ct for uid in sorted(self._references(state.key))
-               if (ct := self.index.find_series(uid)) is not None
-               and ct.instance_count and ct.new_instances == 0]
-        if not cts:
-            log.debug("series %s waits for the CT it was drawn on", state.key.series_uid)
             return None
         job = self.jobs.create(state.key, [*self.index.instance_paths(cts[0].key), *paths],
                                now=now)
@@ -158,8 +160,14 @@ class Runner:
         return bool(modalities) and modalities <= set(SEGMENTATION_MODALITIES)
 
     def _references(self, key: SeriesKey) -> set[str]:
-        return {uid for path in self.index.instance_paths(key)
-                for uid in referenced_series(self._header(path))}
+        """The image series a segmentation series was drawn on; each file's header is read
+        once (a series waiting for its CT is asked on every poll)."""
+        uids: set[str] = set()
+        for path in self.index.instance_paths(key):
+            if path not in self._referenced:
+                self._referenced[path] = frozenset(referenced_series(self._header(path)))
+            uids |= self._referenced[path]
+        return uids
 
     @staticmethod
     def _header(path: Path) -> pydicom.Dataset:
