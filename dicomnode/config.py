@@ -241,6 +241,18 @@ class ReportConfig:
     manufacturer: str = "dicomnode"
     institution_name: str = ""
     device_observer_name: str = "dicomnode"
+    #: How the SEG stores its frames. "auto": BINARY (1 bit a pixel) when Rows x Columns is a
+    #: multiple of 8, else FRACTIONAL with values 0 or 255 (8 bits a pixel, read as binary):
+    #: BINARY frames of other sizes start mid-byte, which OHIF 3.13 decodes in the wrong bit
+    #: order (striped garbage on every second slice). "labelmap" (one 8-bit frame for all
+    #: lesions, PS3.3 Supplement 243) is newer than dcmqi and dciodvfy here; see
+    #: docs/conformance.md for what read which.
+    seg_encoding: Literal["auto", "binary", "fractional", "labelmap"] = "auto"
+    #: A Secondary Capture series with each lesion's key image (outline and results burned in),
+    #: for viewers that show neither SEG nor SR.
+    key_images: bool = True
+    #: An Encapsulated PDF report with the results table, the key images and the models.
+    pdf_report: bool = True
 
 
 @dataclass(frozen=True)

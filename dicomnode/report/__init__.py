@@ -26,6 +26,7 @@ from pydicom.dataelem import DataElement
 
 from dicomnode.config import ReportConfig
 from dicomnode.report.charset import settle_character_set
+from dicomnode.report.keyslice import key_slices
 from dicomnode.report.seg import ReportUids, build_seg
 from dicomnode.report.sr import build_sr, report_warnings, summarize_sr
 from dicomnode.report.template import SrTemplate, load_template
@@ -90,6 +91,7 @@ def build_reports(
         # (check_person_name): patient data in the log. The name is copied as the source has it.
         warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
         supplied = analysis.segmentation.supplied
+        slices = key_slices(analysis.volume, analysis.segmentation)
         seg = None
         if labels and (supplied is None or supplied.kind != "SEG"):
             seg = build_seg(
@@ -98,6 +100,7 @@ def build_reports(
         sr = build_sr(
             analysis,
             seg=seg if seg is not None or not labels or supplied is None else supplied.header,
+            key_slices=slices,
             template=template,
             config=config,
             uids=uids,

@@ -1,7 +1,9 @@
 """The DICOM Segmentation of the lesions (PS3.3 A.51 Segmentation IOD) (PURE).
 
-One BINARY segment per lesion; the segment number is the lesion label, so that the SR's
-Referenced Segment (TID 1411, (121191, DCM)) and the label volume agree without a lookup table.
+One segment per lesion, with its own display colour; the segment number is the lesion label,
+so that the SR's Referenced Segment (TID 1411, (121191, DCM)) and the label volume agree
+without a lookup table. The encoding (BINARY, FRACTIONAL or LABELMAP) depends on the frame
+size and ``[report] seg_encoding``: see :func:`seg_encoding`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dicomnode import __version__
 from dicomnode.config import ReportConfig
 from dicomnode.errors import ReportError
 from dicomnode.report.charset import source_character_set
+from dicomnode.report.palette import lesion_cielab
 from dicomnode.report.template import SrTemplate
 from dicomnode.types import Analysis, LabelVolume, Volume
 
@@ -38,6 +41,11 @@ class ReportUids:
     sr_instance: str
     #: Tracking Unique Identifier (0062,0021) per lesion label, shared by SEG and SR.
     tracking: dict[int, str]
+    #: The key-image (Secondary Capture) series and one instance per lesion label.
+    key_image_series: str
+    key_images: dict[int, str]
+    pdf_series: str
+    pdf_instance: str
 
     @classmethod
     def derive(cls, seed: str, labels: tuple[int, ...]) -> "ReportUids":
@@ -50,6 +58,10 @@ class ReportUids:
             sr_series=uid("sr-series"),
             sr_instance=uid("sr-instance"),
             tracking={label: uid("tracking", str(label)) for label in labels},
+            key_image_series=uid("key-image-series"),
+            key_images={label: uid("key-image", str(label)) for label in labels},
+            pdf_series=uid("pdf-series"),
+            pdf_instance=uid("pdf-instance"),
         )
 
 
@@ -83,11 +95,15 @@ def build_seg(
     """
     segmentation = analysis.segmentation
     _check_labels(segmentation, analysis.volume)
+    frames = _label_frames(analysis.volume, segmentation.labels)
+    encoding = seg_encoding(config.seg_encoding, rows=frames.shape[1], columns=frames.shape[2])
     try:
         return hd.seg.Segmentation(
             source_images=list(analysis.volume.sources),
-            pixel_array=_label_frames(analysis.volume, segmentation.labels),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            pixel_array=_encoded_frames(frames, encoding, len(segmentation.lesions)),
+            segmentation_type=encoding,
+            # A mask is all or nothing: 255 means the voxel is inside the lesion.
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.OCCUPANCY,
             segment_descriptions=[
                 _segment_description(lesion.label, segmentation, template, uids)
                 for lesion in segmentation.lesions
@@ -113,6 +129,37 @@ def build_seg(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"cannot build the SEG: {exc}") from exc
+
+
+def seg_encoding(choice: str, *, rows: int, columns: int) -> hd.seg.SegmentationTypeValues:
+    """The Segmentation Type to write for frames of ``rows`` x ``columns`` pixels.
+
+    ``"auto"`` gives BINARY when a frame fills whole bytes (Rows x Columns a multiple of 8),
+    else FRACTIONAL. BINARY frames are packed one after the other, 1 bit a pixel, so a frame of
+    any other size starts mid-byte; OHIF 3.13's dcmjs reads such frames in the wrong bit order
+    and draws every second slice as stripes. FRACTIONAL with only 0 and 255 (8 bits a pixel) is
+    read as the same mask by OHIF, dcmqi, highdicom and every other SEG reader; LABELMAP
+    (Supplement 243) is an explicit choice because older readers do not know its SOP class.
+    """
+    if choice == "auto":
+        fills_bytes = (rows * columns) % 8 == 0
+        return hd.seg.SegmentationTypeValues.BINARY if fills_bytes else hd.seg.SegmentationTypeValues.FRACTIONAL
+    return hd.seg.SegmentationTypeValues[choice.upper()]
+
+
+def _encoded_frames(
+    frames: np.ndarray, encoding: hd.seg.SegmentationTypeValues, segments: int
+) -> np.ndarray:
+    """The label frames as highdicom takes them for ``encoding``.
+
+    BINARY and LABELMAP take the label map itself (one value per segment). FRACTIONAL takes
+    one plane per segment, in [0, 1]: the label map one-hot encoded, so that each voxel is
+    either fully inside a lesion (stored as 255) or outside it (0).
+    """
+    if encoding != hd.seg.SegmentationTypeValues.FRACTIONAL:
+        return frames
+    numbers = np.arange(1, segments + 1, dtype=frames.dtype)
+    return (frames[..., np.newaxis] == numbers).astype(np.float32)
 
 
 def _check_labels(segmentation: LabelVolume, volume: Volume) -> None:
@@ -163,4 +210,5 @@ def _segment_description(
         ),
         tracking_uid=uids.tracking[label],
         tracking_id=template.lesion_name(label),
+        display_color=lesion_cielab(label),
     )

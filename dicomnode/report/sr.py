@@ -8,6 +8,13 @@ Content tree (PS3.16 TID 1500, TID 1411, TID 300, TID 4019, TID 4108)::
       HAS CONCEPT MOD  CODE  Procedure reported (CT)
       CONTAINS CONTAINER Image Library (the CT images)                TID 1600
       CONTAINS CONTAINER (126010, DCM, "Imaging Measurements")        only with lesions
+        CONTAINS CONTAINER Measurement Group, one per lesion          TID 1410
+          Tracking Identifier "Lesion k" + the same Tracking UID as below
+          Finding category / Finding (Neoplasm)
+          SCOORD POLYLINE: the lesion's outline on its largest CT slice (that image)
+          Algorithm Identification (segmentation model)               TID 4019
+          NUM Area on that slice (mm2)
+          NUM TMB-high probability (%), NUM Imaging subtype number    for viewers (see below)
         CONTAINS CONTAINER Measurement Group, one per lesion          TID 1411
           Tracking Identifier "Lesion k" + Tracking UID (= SEG segment's)  TID 4108
           Finding category / Finding (Neoplasm)
@@ -21,6 +28,12 @@ Content tree (PS3.16 TID 1500, TID 1411, TID 300, TID 4019, TID 4108)::
       CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
         CONTAINS TEXT Finding "No lesion detected"                    only without lesions
         CONTAINS TEXT Comment: research-use note, algorithms, volume warnings
+
+Two groups per lesion because viewers differ: highdicom, dcmqi and 3D Slicer read the
+volumetric group with its SEG segment, while OHIF draws only groups with a SCOORD, merges the
+groups of one Tracking UID into one annotation and shows its first five NUM items as text, but
+no CODE item. The planar group, which OHIF reads first, therefore repeats the TMB prediction
+and the subtype as numbers (private concepts, declared in the template's [planar] section).
 
 The Qualitative Evaluations container (TID 1500 row 10) is where TID 1500 allows free text at
 document level; an SR without lesions therefore still satisfies TID 1500's condition that
@@ -51,6 +64,7 @@ from dicomnode import __version__
 from dicomnode.config import ReportConfig
 from dicomnode.errors import ReportError
 from dicomnode.report.charset import source_character_set
+from dicomnode.report.keyslice import KeySlice
 from dicomnode.report.seg import ReportUids
 from dicomnode.report.template import SrTemplate
 from dicomnode.types import Analysis, Lesion, ModelInfo, Prediction, SuppliedSegmentation
@@ -68,6 +82,7 @@ def build_sr(
     analysis: Analysis,
     *,
     seg: Dataset | None,
+    key_slices: Sequence[KeySlice],
     template: SrTemplate,
     config: ReportConfig,
     uids: ReportUids,
@@ -83,6 +98,8 @@ def build_sr(
     seg
         The SEG whose segments the lesion groups reference: the one built for this analysis,
         or the supplied SEG the lesions were measured on (its own segment numbers).
+    key_slices
+        Each lesion's largest slice and outline, in lesion order (:mod:`.keyslice`).
     template
         Codes, units and texts of the report.
     config
@@ -104,11 +121,14 @@ def build_sr(
     lesions = analysis.segmentation.lesions
     if bool(lesions) != (seg is not None):
         raise ReportError("a SEG is required exactly when there are lesions")
-    groups = (
-        [_measurement_group(analysis, lesion, seg, template, uids) for lesion in lesions]
-        if seg is not None
-        else []
-    )
+    if len(key_slices) != len(lesions):
+        raise ReportError(f"{len(key_slices)} key slices for {len(lesions)} lesions")
+    groups = [
+        group
+        for lesion, key in zip(lesions, key_slices)
+        for group in (_planar_group(analysis, lesion, key, template, uids),
+                      _measurement_group(analysis, lesion, seg, template, uids))
+    ] if seg is not None else []
     root = _measurement_report(analysis, groups, template, config)
     supplied = analysis.segmentation.supplied
     evidence = [*analysis.volume.sources, *([seg] if seg is not None else []),
@@ -164,7 +184,8 @@ def device_observer_uid(config: ReportConfig) -> str:
 
 def _measurement_report(
     analysis: Analysis,
-    groups: Sequence[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations],
+    groups: Sequence[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+                     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations],
     template: SrTemplate,
     config: ReportConfig,
 ) -> ContainerContentItem:
@@ -252,18 +273,10 @@ def _measurement_group(
     if prediction is not None:
         measurements.append(_tmb_probability(prediction, analysis.models, template))
         evaluations = _predicted_classes(prediction, template)
-    segmentation = analysis.segmentation
-    supplied = segmentation.supplied
+    supplied = analysis.segmentation.supplied
     referenced_number = label
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=segmentation.model_name,
-        version=segmentation.model_version,
-        family=template.algorithm_family,
-    )
-    if supplied is not None:  # drawn by a person or another tool: no algorithm of ours
-        algorithm = None
-        if supplied.kind == "SEG":
-            referenced_number = supplied.numbers[label - 1]
+    if supplied is not None and supplied.kind == "SEG":
+        referenced_number = supplied.numbers[label - 1]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.tracking[label], identifier=template.lesion_name(label)
@@ -277,9 +290,70 @@ def _measurement_group(
         ),
         finding_category=template.finding_category,
         finding_type=template.finding_type,
-        algorithm_id=algorithm,
+        algorithm_id=_segmentation_algorithm(analysis, template),
         measurements=measurements,
         qualitative_evaluations=evaluations,
+    )
+
+
+def _planar_group(
+    analysis: Analysis,
+    lesion: Lesion,
+    key: KeySlice,
+    template: SrTemplate,
+    uids: ReportUids,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 for one lesion: its outline and area on its largest slice, and the predictions
+    as numbers (what OHIF shows beside the outline)."""
+    label = lesion.label
+    measurements = [
+        hd.sr.Measurement(name=template.area_concept, value=round(key.area_mm2, 2),
+                          unit=template.area_unit)
+    ]
+    prediction = _prediction_of(analysis.predictions, label)
+    if prediction is not None:
+        measurements.extend([
+            hd.sr.Measurement(
+                name=template.shown_tmb_probability,
+                value=round(float(prediction.tmb_probability)
+                            * template.shown_tmb_probability_scale, 2),
+                unit=template.shown_tmb_probability_unit,
+            ),
+            hd.sr.Measurement(name=template.shown_subtype, value=prediction.subtype.index,
+                              unit=template.shown_subtype_unit),
+        ])
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uids.tracking[label], identifier=template.lesion_name(label)
+        ),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=key.outline,
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=key.source.SOPClassUID,
+                referenced_sop_instance_uid=key.source.SOPInstanceUID,
+                referenced_frame_numbers=None if key.frame_number is None else [key.frame_number],
+            ),
+        ),
+        finding_category=template.finding_category,
+        finding_type=template.finding_type,
+        algorithm_id=_segmentation_algorithm(analysis, template),
+        measurements=measurements,
+    )
+
+
+def _segmentation_algorithm(
+    analysis: Analysis, template: SrTemplate
+) -> hd.sr.AlgorithmIdentification | None:
+    """TID 4019 of the model that drew the lesions; none for a supplied segmentation (drawn by
+    a person or another tool)."""
+    segmentation = analysis.segmentation
+    if segmentation.supplied is not None:
+        return None
+    return hd.sr.AlgorithmIdentification(
+        name=segmentation.model_name,
+        version=segmentation.model_version,
+        family=template.algorithm_family,
     )
 
 
@@ -423,6 +497,8 @@ def _summarize_group(group: Dataset) -> list[str]:
     """``Lesion k [by <segmentation algorithm>]:`` then one line per NUM and CODE item."""
     items = list(group.get("ContentSequence", []))
     name = next((_value(i) for i in items if _concept(i) == codes.DCM.TrackingIdentifier), "group")
+    if any(i.ValueType in ("SCOORD", "SCOORD3D") for i in items):
+        name += " on its largest slice"
     lines = [f"{name}{_algorithm_note(group)}:"]
     for item in items:
         if item.ValueType in ("NUM", "CODE") and _concept(item) not in _NOT_SUMMARISED:

@@ -22,8 +22,9 @@ STANDARD_SCHEMES = frozenset({"DCM", "SCT", "LN", "UCUM", "NCIt", "UMLS", "RADLE
 
 #: Volume units the builder can convert ``Lesion.volume_ml`` into (factor per ml).
 VOLUME_UNITS_PER_ML = {"cm3": 1.0, "ml": 1.0, "mL": 1.0, "mm3": 1000.0}
-#: UCUM units a lesion's confidence may be reported in, with the factor from [0, 1].
-CONFIDENCE_SCALE = {"%": 100.0, "1": 1.0}
+#: UCUM units a number in [0, 1] (a confidence, a probability) may be written in, with the
+#: factor from [0, 1].
+FRACTION_SCALE = {"%": 100.0, "1": 1.0}
 
 #: PS3.5 Table 6.2-1 limits: CodeValue is SH (16 chars), CodeMeaning LO (64 chars).
 _MAX_CODE_VALUE = 16
@@ -48,6 +49,9 @@ class SrTemplate:
     procedure_reported: Code  # [document].procedure_reported
     sr_series_description: str  # [document].sr_series_description
     seg_series_description: str  # [document].seg_series_description
+    key_image_series_description: str  # [document].key_image_series_description
+    pdf_series_description: str  # [document].pdf_series_description
+    pdf_title: str  # [document].pdf_title
     device_model_name: str  # [document].device_model_name
     finding_category: Code  # [finding].category
     finding_type: Code  # [finding].type
@@ -63,6 +67,12 @@ class SrTemplate:
     tmb_low: Code  # [tmb].low
     subtype_concept: Code  # [subtype].concept
     subtype_codes: tuple[Code, ...]  # [subtype].codes
+    area_concept: Code  # [planar].area
+    area_unit: Code  # [planar].area_unit
+    shown_tmb_probability: Code  # [planar].tmb_probability
+    shown_tmb_probability_unit: Code  # [planar].tmb_probability_unit ("%" or "1")
+    shown_subtype: Code  # [planar].subtype
+    shown_subtype_unit: Code  # [planar].subtype_unit
     algorithm_family: Code  # [algorithm].family
     coding_schemes: tuple[CodingScheme, ...]  # [[coding_schemes]]
     research_note: str  # [text].research_note
@@ -80,7 +90,12 @@ class SrTemplate:
     @property
     def confidence_scale(self) -> float:
         """Factor that turns a confidence in [0, 1] into :attr:`confidence_unit`."""
-        return CONFIDENCE_SCALE[self.confidence_unit.value]
+        return FRACTION_SCALE[self.confidence_unit.value]
+
+    @property
+    def shown_tmb_probability_scale(self) -> float:
+        """Factor that turns a probability in [0, 1] into :attr:`shown_tmb_probability_unit`."""
+        return FRACTION_SCALE[self.shown_tmb_probability_unit.value]
 
     def subtype_code(self, value: str) -> Code:
         """The declared subtype code with CodeValue ``value``; ``KeyError`` when undeclared."""
@@ -96,12 +111,17 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
         "procedure_reported",
         "sr_series_description",
         "seg_series_description",
+        "key_image_series_description",
+        "pdf_series_description",
+        "pdf_title",
         "device_model_name",
     ),
     "finding": ("category", "type", "tracking_identifier", "confidence", "confidence_unit"),
     "volume": ("concept", "unit"),
     "tmb": ("probability", "probability_unit", "status", "high", "low"),
     "subtype": ("concept", "codes"),
+    "planar": ("area", "area_unit", "tmb_probability", "tmb_probability_unit", "subtype",
+               "subtype_unit"),
     "algorithm": ("family",),
     "coding_schemes": (),
     "text": ("research_note", "no_lesion"),
@@ -143,9 +163,9 @@ def template_from_mapping(data: dict[str, Any]) -> SrTemplate:
         for key in _SECTIONS[name]:
             if key not in table:
                 raise ConfigError(f"[{name}].{key}: missing")
-    doc, finding, volume, tmb, subtype, algorithm, text = (
+    doc, finding, volume, tmb, subtype, planar, algorithm, text = (
         sections[n]
-        for n in ("document", "finding", "volume", "tmb", "subtype", "algorithm", "text")
+        for n in ("document", "finding", "volume", "tmb", "subtype", "planar", "algorithm", "text")
     )
     coding_schemes = _coding_schemes(data.get("coding_schemes", []))
     declared = STANDARD_SCHEMES | {s.designator for s in coding_schemes}
@@ -162,12 +182,21 @@ def template_from_mapping(data: dict[str, Any]) -> SrTemplate:
         seg_series_description=_text(
             doc["seg_series_description"], "[document].seg_series_description", 64
         ),
+        key_image_series_description=_text(
+            doc["key_image_series_description"], "[document].key_image_series_description", 64
+        ),
+        pdf_series_description=_text(
+            doc["pdf_series_description"], "[document].pdf_series_description", 64
+        ),
+        pdf_title=_text(doc["pdf_title"], "[document].pdf_title", 64),
         device_model_name=_text(doc["device_model_name"], "[document].device_model_name", 64),
         finding_category=code(finding["category"], "[finding].category"),
         finding_type=code(finding["type"], "[finding].type"),
         tracking_identifier=_tracking_identifier(finding["tracking_identifier"]),
         confidence=code(finding["confidence"], "[finding].confidence"),
-        confidence_unit=_confidence_unit(finding["confidence_unit"], declared),
+        confidence_unit=_fraction_unit(
+            finding["confidence_unit"], "[finding].confidence_unit", declared
+        ),
         volume_concept=code(volume["concept"], "[volume].concept"),
         volume_unit=_volume_unit(volume["unit"], declared),
         tmb_probability=code(tmb["probability"], "[tmb].probability"),
@@ -177,6 +206,14 @@ def template_from_mapping(data: dict[str, Any]) -> SrTemplate:
         tmb_low=code(tmb["low"], "[tmb].low"),
         subtype_concept=code(subtype["concept"], "[subtype].concept"),
         subtype_codes=_subtype_codes(subtype["codes"], declared),
+        area_concept=code(planar["area"], "[planar].area"),
+        area_unit=code(planar["area_unit"], "[planar].area_unit"),
+        shown_tmb_probability=code(planar["tmb_probability"], "[planar].tmb_probability"),
+        shown_tmb_probability_unit=_fraction_unit(
+            planar["tmb_probability_unit"], "[planar].tmb_probability_unit", declared
+        ),
+        shown_subtype=code(planar["subtype"], "[planar].subtype"),
+        shown_subtype_unit=code(planar["subtype_unit"], "[planar].subtype_unit"),
         algorithm_family=code(algorithm["family"], "[algorithm].family"),
         coding_schemes=coding_schemes,
         research_note=_text(text["research_note"], "[text].research_note"),
@@ -184,11 +221,12 @@ def template_from_mapping(data: dict[str, Any]) -> SrTemplate:
     )
 
 
-def _confidence_unit(value: Any, declared: Any) -> Code:
-    unit = _code(value, "[finding].confidence_unit", declared)
-    if unit.scheme_designator != "UCUM" or unit.value not in CONFIDENCE_SCALE:
-        raise ConfigError(f"[finding].confidence_unit: {unit.value!r} ({unit.scheme_designator}) is not one "
-                          f"of the UCUM units {', '.join(map(repr, CONFIDENCE_SCALE))}")
+def _fraction_unit(value: Any, where: str, declared: Any) -> Code:
+    """The unit of a number in [0, 1] as written: UCUM "%" or "1"."""
+    unit = _code(value, where, declared)
+    if unit.scheme_designator != "UCUM" or unit.value not in FRACTION_SCALE:
+        raise ConfigError(f"{where}: {unit.value!r} ({unit.scheme_designator}) is not one "
+                          f"of the UCUM units {', '.join(map(repr, FRACTION_SCALE))}")
     return unit
 
 

@@ -26,6 +26,7 @@ from dicomnode.report import (
     summarize_sr,
     summary_json,
 )
+from dicomnode.report.seg import seg_encoding
 from dicomnode.types import (
     Analysis,
     Geometry,
@@ -64,7 +65,7 @@ def config() -> ReportConfig:
     return ReportConfig(institution_name="Test Hospital")
 
 
-def synthetic_ct(slices: int = SLICES) -> list[Dataset]:
+def synthetic_ct(slices: int = SLICES, rows: int = ROWS, cols: int = COLS) -> list[Dataset]:
     """A small, complete CT Image series (PS3.3 A.3) of one patient, 2.5 mm slices."""
     study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     images = []
@@ -91,10 +92,10 @@ def synthetic_ct(slices: int = SLICES) -> list[Dataset]:
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 2.5
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = ROWS, COLS
+        ds.Rows, ds.Columns = rows, cols
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.RescaleIntercept, ds.RescaleSlope, ds.KVP, ds.AcquisitionNumber = -1024, 1, 120, 1
-        ds.PixelData = np.full((ROWS, COLS), 1024, np.uint16).tobytes()
+        ds.PixelData = np.full((rows, cols), 1024, np.uint16).tobytes()
         images.append(ds)
     return images
 
@@ -124,10 +125,14 @@ def lesion_of(labels: np.ndarray, label: int, spacing: tuple[float, float, float
 CONFIDENCE_1 = 0.9234
 
 
-def two_lesions(slices: int = SLICES) -> np.ndarray:
-    """Label volume with lesion 1 on slices 2-4 and lesion 2 on slices 4-6 (touching slice 4)."""
-    labels = np.zeros((slices, ROWS, COLS), np.uint16)
+def two_lesions(slices: int = SLICES, rows: int = ROWS, cols: int = COLS) -> np.ndarray:
+    """Label volume with lesion 1 on slices 2-4 and lesion 2 on slices 4-6 (touching slice 4).
+
+    Lesion 1 is widest on slice 3 (its key slice); lesion 2 is a box, largest on every slice.
+    """
+    labels = np.zeros((slices, rows, cols), np.uint16)
     labels[2:5, 4:9, 4:10] = 1
+    labels[3, 3:10, 3:11] = 1
     labels[4:7, 14:20, 13:19] = 2
     return labels
 
@@ -142,9 +147,8 @@ def make_analysis(
 ) -> Analysis:
     """Two lesions (labels 1 and 2) with fake features and predictions, or none."""
     spacing = (2.5, 1.0, 1.0)
-    labels = (
-        two_lesions(len(images)) if with_lesions else np.zeros((len(images), ROWS, COLS), np.uint16)
-    )
+    shape = (len(images), int(images[0].Rows), int(images[0].Columns))
+    labels = two_lesions(*shape) if with_lesions else np.zeros(shape, np.uint16)
     lesions = ((lesion_of(labels, 1, spacing, CONFIDENCE_1), lesion_of(labels, 2, spacing))
                if with_lesions else ())
     volume = Volume(
@@ -621,3 +625,116 @@ def test_no_warning_carries_the_patients_name(template, config):
         warnings.simplefilter("always")
         build_reports(make_analysis(ct), template=template, config=config, uid_seed="name")
     assert not [w for w in caught if "Onlyname" in str(w.message)]
+
+
+# -- what viewers show: SEG encoding, colours, planar groups ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("choice", "rows", "columns", "expected"),
+    [
+        ("auto", 24, 24, "BINARY"),      # 576 pixels: every frame starts on a byte
+        ("auto", 202, 198, "FRACTIONAL"),  # the sarcoma CT's frame size: 39996 pixels
+        ("auto", 23, 23, "FRACTIONAL"),
+        ("binary", 23, 23, "BINARY"),
+        ("fractional", 24, 24, "FRACTIONAL"),
+        ("labelmap", 24, 24, "LABELMAP"),
+    ],
+)
+def test_seg_encoding_follows_the_frame_size(choice, rows, columns, expected):
+    assert seg_encoding(choice, rows=rows, columns=columns).value == expected
+
+
+@pytest.fixture(scope="module")
+def odd_sized(template, config, tmp_path_factory):
+    """A 23 x 21 CT, whose 483-pixel frames would start mid-byte in a BINARY SEG."""
+    images = synthetic_ct(rows=23, cols=21)
+    analysis = make_analysis(images)
+    reports = build_reports(analysis, template=template, config=config, uid_seed="odd")
+    return analysis, reports, written(reports, tmp_path_factory.mktemp("odd"))
+
+
+def test_odd_sized_frames_give_a_pseudo_binary_fractional_seg(odd_sized):
+    analysis, _, (seg_path, _) = odd_sized
+    assert dciodvfy_errors(seg_path) == []
+    seg = hd.seg.segread(seg_path)
+    assert seg.SegmentationType == "FRACTIONAL"
+    assert seg.SegmentationFractionalType == "OCCUPANCY"
+    assert seg.BitsAllocated == 8 and int(seg.MaximumFractionalValue) == 255
+    assert set(np.unique(seg.pixel_array)) == {0, 255}  # a mask, not a probability map
+    labels = analysis.segmentation.labels
+    for k, source in enumerate(analysis.volume.sources):
+        for segment in (1, 2):
+            if not (labels[k] == segment).any():
+                continue
+            frame = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[source.SOPInstanceUID], segment_numbers=[segment],
+                rescale_fractional=False,
+            )[0, :, :, 0]
+            assert np.array_equal(frame == 255, labels[k] == segment), (k, segment)
+
+
+def test_every_segment_has_its_own_display_colour(reports):
+    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in reports.seg.SegmentSequence]
+    assert len(colours) == 2 and colours[0] != colours[1]
+
+
+def planar_and_volumetric_groups(sr: Dataset) -> list[Dataset]:
+    measurements = next(c for c in sr.ContentSequence
+                        if c.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return list(measurements.ContentSequence)
+
+
+def test_each_lesion_has_an_outline_on_its_largest_slice_before_its_volume_group(
+    files, analysis, reports
+):
+    labels = analysis.segmentation.labels
+    sources = analysis.volume.sources
+    sr = hd.sr.srread(files[1])
+    planar = {str(g.tracking_uid): g for g in sr.content.get_planar_roi_measurement_groups()}
+    volumetric = {str(g.tracking_uid): g for g in sr.content.get_volumetric_roi_measurement_groups()}
+    assert planar.keys() == volumetric.keys() and len(planar) == 2
+    segments = {str(s.TrackingUID): int(s.SegmentNumber) for s in reports.seg.SegmentSequence}
+    for uid, group in planar.items():
+        label = segments[uid]
+        # Lesion 1 is widest on slice 3; lesion 2, a box on slices 4-6, in its middle.
+        largest = {1: 3, 2: 5}[label]
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = region.value
+        assert np.array_equal(points[0], points[-1])  # closed
+        source = region.ContentSequence[0].ReferencedSOPSequence[0]
+        assert source.ReferencedSOPInstanceUID == sources[largest].SOPInstanceUID
+        # The outline runs along the lesion's border: inside its bounding box, edge included.
+        rows, cols = np.nonzero(labels[largest] == label)
+        assert points[:, 0].min() >= cols.min() and points[:, 0].max() <= cols.max() + 1
+        assert points[:, 1].min() >= rows.min() and points[:, 1].max() <= rows.max() + 1
+        area = next(m for m in group.get_measurements() if m.name == codes.SCT.Area)
+        assert area.value == pytest.approx(len(rows) * 1.0 * 1.0)  # 1 x 1 mm pixels
+        assert area.unit.value == "mm2"
+    # Planar group first: OHIF merges the groups of a Tracking UID in document order.
+    order = [g.ContentSequence[1].UID for g in planar_and_volumetric_groups(reports.sr)]
+    assert order == [order[0], order[0], order[2], order[2]] and order[0] != order[2]
+    first = planar_and_volumetric_groups(reports.sr)[0]
+    assert any(i.ValueType == "SCOORD" for i in first.ContentSequence)
+
+
+def test_the_first_five_numbers_ohif_shows_carry_the_predictions(reports, template):
+    """OHIF shows the first five NUM items of a lesion's merged groups and no CODE item."""
+    groups = planar_and_volumetric_groups(reports.sr)
+    shown = [(i.ConceptNameCodeSequence[0].CodeMeaning,
+              float(i.MeasuredValueSequence[0].NumericValue),
+              i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue)
+             for g in groups[:2] for i in g.ContentSequence if i.ValueType == "NUM"][:5]
+    names = [name for name, _, _ in shown]
+    assert names == ["Area", "TMB-high probability (research)", "Imaging subtype (research)",
+                     "Volume", "Certainty of Finding"]
+    assert shown[1][1:] == (81.0, "%")  # lesion 1's probability 0.81
+    assert shown[2][1:] == (2.0, "{subtype}")  # IS2
+
+
+def test_reports_with_planar_groups_pass_dciodvfy_and_dsrdump(odd_sized):
+    _, _, (_, sr_path) = odd_sized
+    assert dciodvfy_errors(sr_path) == []
+    ok, output = dsrdump_ok(sr_path)
+    assert ok, output
