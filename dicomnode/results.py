@@ -26,6 +26,8 @@ class ResultFiles:
     sr: Path
     summary: Path
     seg: Path | None = None
+    key_images: tuple[Path, ...] = ()
+    pdf: Path | None = None
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -56,19 +58,31 @@ def _encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+#: File names of the objects of one result, in delivery order (SEG first, so that the PACS
+#: holds it before the SR that references it).
+SEG_FILE, SR_FILE, PDF_FILE = "seg.dcm", "sr.dcm", "report-pdf.dcm"
+KEY_IMAGE_FILE, KEY_IMAGE_GLOB = "key-image-{:03d}.dcm", "key-image-*.dcm"
+
+
 def save(folder: Path, reports: ReportSet, summary: dict[str, Any]) -> ResultFiles:
     """Write the report objects and the JSON summary into ``folder``."""
-    seg_path = None
-    if reports.seg is not None:
-        seg_path = folder / "seg.dcm"
-        atomic_write(seg_path, _encode(reports.seg))
-    sr_path = folder / "sr.dcm"
-    atomic_write(sr_path, _encode(reports.sr))
+
+    def write(name: str, ds: Dataset) -> Path:
+        atomic_write(folder / name, _encode(ds))
+        return folder / name
+
+    seg_path = write(SEG_FILE, reports.seg) if reports.seg is not None else None
+    sr_path = write(SR_FILE, reports.sr)
+    key_images = tuple(write(KEY_IMAGE_FILE.format(k), ds)
+                       for k, ds in enumerate(reports.key_images, start=1))
+    pdf_path = write(PDF_FILE, reports.pdf) if reports.pdf is not None else None
     summary_path = folder / "summary.json"
     atomic_write(summary_path, json.dumps(summary, indent=2).encode("utf-8"))
-    return ResultFiles(folder=folder, sr=sr_path, summary=summary_path, seg=seg_path)
+    return ResultFiles(folder=folder, sr=sr_path, summary=summary_path, seg=seg_path,
+                       key_images=key_images, pdf=pdf_path)
 
 
 def load_datasets(folder: Path) -> list[Dataset]:
-    """The report objects saved in ``folder`` (SEG first), for delivery."""
-    return [pydicom.dcmread(folder / name) for name in ("seg.dcm", "sr.dcm") if (folder / name).exists()]
+    """The report objects saved in ``folder``, in delivery order (SEG first)."""
+    names = [SEG_FILE, SR_FILE, *sorted(p.name for p in folder.glob(KEY_IMAGE_GLOB)), PDF_FILE]
+    return [pydicom.dcmread(folder / name) for name in names if (folder / name).exists()]

@@ -225,13 +225,17 @@ class Analysis:
 
 @dataclass(frozen=True)
 class ReportSet:
-    """The DICOM objects written for one analysis: a SEG (absent when no lesion) and an SR."""
+    """The DICOM objects written for one analysis: a SEG (absent when no lesion), an SR, and
+    the human-readable fallback: one key image per lesion and a PDF report (each optional)."""
 
     sr: "Dataset"
     seg: "Dataset | None" = None
+    key_images: tuple["Dataset", ...] = ()
+    pdf: "Dataset | None" = None
 
     def datasets(self) -> tuple["Dataset", ...]:
-        return tuple(d for d in (self.seg, self.sr) if d is not None)
+        """Every object, in delivery order: SEG, SR, key images, PDF."""
+        return tuple(d for d in (self.seg, self.sr, *self.key_images, self.pdf) if d is not None)
 
 
 @dataclass(frozen=True)
