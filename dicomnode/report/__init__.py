@@ -16,6 +16,7 @@ Neither summary contains the patient's name or ID.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -85,7 +86,7 @@ def build_reports(
         When the analysis cannot be expressed as a valid SEG or SR.
     """
     labels = tuple(lesion.label for lesion in analysis.segmentation.lesions)
-    uids = ReportUids.derive(uid_seed, labels)
+    uids = _keep_supplied_tracking(ReportUids.derive(uid_seed, labels), analysis.segmentation.supplied)
     with warnings.catch_warnings():
         # highdicom warns about a one-component PatientName with the name in the message
         # (check_person_name): patient data in the log. The name is copied as the source has it.
@@ -113,6 +114,18 @@ def build_reports(
         complete_deidentification_method(ds)
     settle_character_set(outputs, analysis.volume.sources[0])
     return ReportSet(sr=sr, seg=seg)
+
+
+def _keep_supplied_tracking(uids: ReportUids, supplied: SuppliedSegmentation | None) -> ReportUids:
+    """A lesion measured on a supplied SEG keeps that segment's Tracking UID, so that the SR's
+    groups and the SEG describe one tracked finding (PS3.3 C.8.20.4, IHE AIR)."""
+    if supplied is None or supplied.kind != "SEG":
+        return uids
+    given = {int(item.SegmentNumber): str(item.TrackingUID)
+             for item in supplied.header.get("SegmentSequence", []) if item.get("TrackingUID")}
+    tracking = {label: given.get(number, uids.tracking[label])
+                for label, number in enumerate(supplied.numbers, start=1)}
+    return dataclasses.replace(uids, tracking=tracking)
 
 
 #: highdicom's warning whose text holds the patient's name (never logged).

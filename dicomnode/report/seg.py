@@ -18,6 +18,7 @@ from dicomnode import __version__
 from dicomnode.config import ReportConfig
 from dicomnode.errors import ReportError
 from dicomnode.report.charset import source_character_set
+from dicomnode.report.equipment import contributing_equipment
 from dicomnode.report.palette import lesion_cielab
 from dicomnode.report.template import SrTemplate
 from dicomnode.types import Analysis, LabelVolume, Volume
@@ -105,7 +106,7 @@ def build_seg(
             # A mask is all or nothing: 255 means the voxel is inside the lesion.
             fractional_type=hd.seg.SegmentationFractionalTypeValues.OCCUPANCY,
             segment_descriptions=[
-                _segment_description(lesion.label, segmentation, template, uids)
+                _segment_description(lesion.label, segmentation, template, config, uids)
                 for lesion in segmentation.lesions
             ],
             series_instance_uid=uids.seg_series,
@@ -126,6 +127,9 @@ def build_seg(
             # highdicom would copy the source's value and refuse an unknown one; the value
             # written is settled after both objects are built (dicomnode.report.charset).
             specific_character_set=source_character_set(analysis.volume.sources[0])[0],
+            contributing_equipment=contributing_equipment(
+                analysis, config, template, tasks=("segmentation",)
+            ),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"cannot build the SEG: {exc}") from exc
@@ -191,7 +195,8 @@ def _label_frames(volume: Volume, labels: np.ndarray) -> np.ndarray:
 
 
 def _segment_description(
-    label: int, segmentation: LabelVolume, template: SrTemplate, uids: ReportUids
+    label: int, segmentation: LabelVolume, template: SrTemplate, config: ReportConfig,
+    uids: ReportUids,
 ) -> hd.seg.SegmentDescription:
     """PS3.3 C.8.20.2 Segment Description: AUTOMATIC with the segmentation model's identity,
     or MANUAL for contours a person drew (a supplied RTSTRUCT)."""
@@ -207,6 +212,8 @@ def _segment_description(
             name=segmentation.model_name,
             family=template.algorithm_family,
             version=segmentation.model_version,
+            # Algorithm Source = the Contributing Equipment's Manufacturer (IHE AIR).
+            source=config.manufacturer,
         ),
         tracking_uid=uids.tracking[label],
         tracking_id=template.lesion_name(label),

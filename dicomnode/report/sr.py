@@ -58,12 +58,12 @@ from highdicom.sr import (
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from dicomnode import __version__
 from dicomnode.config import ReportConfig
 from dicomnode.errors import ReportError
 from dicomnode.report.charset import source_character_set
+from dicomnode.report.equipment import contributing_equipment, pipeline_uid
 from dicomnode.report.keyslice import KeySlice
 from dicomnode.report.seg import ReportUids
 from dicomnode.report.template import SrTemplate
@@ -153,6 +153,7 @@ def build_sr(
             is_verified=False,
             coding_schemes=_coding_schemes(template),
             previous_versions=list(predecessors) or None,
+            contributing_equipment=contributing_equipment(analysis, config, template),
             # As in the SEG: settled after building (dicomnode.report.charset).
             specific_character_set=source_character_set(analysis.volume.sources[0])[0],
         )
@@ -173,15 +174,6 @@ def _coding_schemes(template: SrTemplate) -> list[CodingSchemeIdentificationItem
     ]
 
 
-def device_observer_uid(config: ReportConfig) -> str:
-    """Device Observer UID: stable for one node identity, across jobs and restarts."""
-    return str(
-        generate_uid(
-            entropy_srcs=["dicomnode device", config.manufacturer, config.device_observer_name]
-        )
-    )
-
-
 def _measurement_report(
     analysis: Analysis,
     groups: Sequence[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -193,7 +185,7 @@ def _measurement_report(
     root = ContainerContentItem(name=template.title, template_id="1500")
     content = ContentSequence()
     content.extend(hd.sr.LanguageOfContentItemAndDescendants(LANGUAGE))
-    content.extend(_observation_context(template, config))
+    content.extend(_observation_context(analysis, template, config))
     content.append(
         CodeContentItem(
             name=codes.DCM.ProcedureReported,
@@ -215,13 +207,16 @@ def _measurement_report(
     return root
 
 
-def _observation_context(template: SrTemplate, config: ReportConfig) -> hd.sr.ObservationContext:
-    """TID 1001 with a device observer only (TID 1004): the report is the algorithm's."""
+def _observation_context(
+    analysis: Analysis, template: SrTemplate, config: ReportConfig
+) -> hd.sr.ObservationContext:
+    """TID 1001 with a device observer only (TID 1004): the report is the algorithm's. The
+    device is the pipeline, with the UID of its Contributing Equipment item (IHE AIR)."""
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=device_observer_uid(config),
+                uid=pipeline_uid(config, analysis.models),
                 name=config.device_observer_name,
                 manufacturer_name=config.manufacturer,
                 model_name=template.device_model_name,
@@ -318,9 +313,13 @@ def _planar_group(
                 value=round(float(prediction.tmb_probability)
                             * template.shown_tmb_probability_scale, 2),
                 unit=template.shown_tmb_probability_unit,
+                algorithm_id=_tmb_algorithm(prediction, analysis.models, template),
             ),
-            hd.sr.Measurement(name=template.shown_subtype, value=prediction.subtype.index,
-                              unit=template.shown_subtype_unit),
+            hd.sr.Measurement(
+                name=template.shown_subtype, value=prediction.subtype.index,
+                unit=template.shown_subtype_unit,
+                algorithm_id=_model_algorithm(_model_for("subtype", analysis.models), template),
+            ),
         ])
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -366,23 +365,30 @@ def _tmb_probability(
     prediction: Prediction, models: Sequence[ModelInfo], template: SrTemplate
 ) -> hd.sr.Measurement:
     """NUM "Probability" of the TMB-high class, with the TMB model and its threshold (TID 4019)."""
-    model = _tmb_model(models)
-    algorithm = None
-    if model is None:
-        log.warning("no TMB model in the analysis: the probability has no algorithm")
-    else:
-        algorithm = hd.sr.AlgorithmIdentification(
-            name=model.name,
-            version=model.version,
-            family=template.algorithm_family,
-            parameters=[f"threshold={prediction.tmb_threshold:g}"],
-        )
     return hd.sr.Measurement(
         name=template.tmb_probability,
         value=float(prediction.tmb_probability),
         unit=template.tmb_probability_unit,
-        algorithm_id=algorithm,
+        algorithm_id=_tmb_algorithm(prediction, models, template),
     )
+
+
+def _tmb_algorithm(prediction: Prediction, models: Sequence[ModelInfo],
+                   template: SrTemplate) -> hd.sr.AlgorithmIdentification | None:
+    """TID 4019 of the TMB model with its operating threshold."""
+    model = _model_for("tmb", models)
+    if model is None:
+        log.warning("no TMB model in the analysis: the probability has no algorithm")
+    return _model_algorithm(model, template, [f"threshold={prediction.tmb_threshold:g}"])
+
+
+def _model_algorithm(model: ModelInfo | None, template: SrTemplate,
+                     parameters: Sequence[str] = ()) -> hd.sr.AlgorithmIdentification | None:
+    if model is None:
+        return None
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
+                                         family=template.algorithm_family,
+                                         parameters=list(parameters) or None)
 
 
 def _predicted_classes(
@@ -403,9 +409,9 @@ def _predicted_classes(
     ]
 
 
-def _tmb_model(models: Sequence[ModelInfo]) -> ModelInfo | None:
-    """The model that predicted TMB."""
-    return next((m for m in models if m.task == "tmb"), None)
+def _model_for(task: str, models: Sequence[ModelInfo]) -> ModelInfo | None:
+    """The model of ``task`` ("tmb", "subtype") in the analysis."""
+    return next((m for m in models if m.task == task), None)
 
 
 def _qualitative_evaluations(analysis: Analysis, template: SrTemplate) -> ContainerContentItem:

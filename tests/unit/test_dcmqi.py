@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_report import TEMPLATE, make_analysis, synthetic_ct, written
 
 from dicomnode.config import ReportConfig
 from dicomnode.report import build_reports, load_template
-from test_report import TEMPLATE, make_analysis, synthetic_ct, written
 
 
 def dcmqi_tool(name: str) -> str:

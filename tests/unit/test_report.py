@@ -738,3 +738,58 @@ def test_reports_with_planar_groups_pass_dciodvfy_and_dsrdump(odd_sized):
     assert dciodvfy_errors(sr_path) == []
     ok, output = dsrdump_ok(sr_path)
     assert ok, output
+
+
+# -- IHE AI Results: who made the result ---------------------------------------------------
+
+
+def processing_equipment(ds: Dataset) -> dict[str, Dataset]:
+    """Contributing Equipment items with purpose (109102, DCM) and a Device UID, by model name."""
+    return {str(item.ManufacturerModelName): item for item in ds.ContributingEquipmentSequence
+            if item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+            and "DeviceUID" in item}
+
+
+def test_seg_and_sr_list_the_pipeline_and_each_model_as_equipment(reports, template, config):
+    seg_items = processing_equipment(reports.seg)
+    sr_items = processing_equipment(reports.sr)
+    pipeline = template.device_model_name
+    assert set(seg_items) == {pipeline, "lesion-unet"}
+    assert set(sr_items) == {pipeline, "lesion-unet", "tmb-xgboost", "subtype-centroids"}
+    assert sr_items["tmb-xgboost"].SoftwareVersions == "0.3.1"
+    assert len({str(i.DeviceUID) for i in sr_items.values()}) == 4
+    assert seg_items["lesion-unet"].DeviceUID == sr_items["lesion-unet"].DeviceUID
+    # The SR's device observer is the pipeline's equipment item (AIR Table 6.5.3.1-1).
+    observer_uid = next(i.UID for i in reports.sr.ContentSequence
+                        if i.ValueType == "UIDREF"
+                        and i.ConceptNameCodeSequence[0].CodeValue == "121012")
+    assert observer_uid == sr_items[pipeline].DeviceUID
+    # The SEG's algorithm is the equipment's model, from its manufacturer.
+    algorithm = reports.seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "lesion-unet"
+    assert algorithm.AlgorithmSource == config.manufacturer == seg_items["lesion-unet"].Manufacturer
+
+
+def test_a_new_model_version_is_a_new_device(images, template, config):
+    first = build_reports(make_analysis(images), template=template, config=config, uid_seed="v")
+    newer = dataclasses.replace(
+        make_analysis(images),
+        models=(MODELS[0], dataclasses.replace(MODELS[1], version="0.4.0"), MODELS[2]))
+    second = build_reports(newer, template=template, config=config, uid_seed="v")
+    before, after = processing_equipment(first.sr), processing_equipment(second.sr)
+    assert before["tmb-xgboost"].DeviceUID != after["tmb-xgboost"].DeviceUID
+    assert before["lesion-unet"].DeviceUID == after["lesion-unet"].DeviceUID
+    assert (before[template.device_model_name].DeviceUID
+            != after[template.device_model_name].DeviceUID)
+
+
+def test_the_numbers_ohif_shows_name_the_model_that_made_them(reports):
+    planar = planar_and_volumetric_groups(reports.sr)[0]
+    algorithms = {
+        i.ConceptNameCodeSequence[0].CodeMeaning: next(
+            c.TextValue for c in i.ContentSequence
+            if c.ConceptNameCodeSequence[0].CodeValue == "111001")
+        for i in planar.ContentSequence if i.ValueType == "NUM" and "ContentSequence" in i
+    }
+    assert algorithms == {"TMB-high probability (research)": "tmb-xgboost",
+                          "Imaging subtype (research)": "subtype-centroids"}

@@ -87,10 +87,19 @@ def test_the_newest_segmentation_of_the_series_wins(phantom, tmp_path) -> None:
 def test_the_source_setting_decides_between_model_and_supplied(phantom, pipeline, tmp_path) -> None:
     path = write_seg(phantom, {"A": phantom.label_map == phantom.lesion_labels[0]},
                      tmp_path / "seg.dcm")
-    datasets = [*phantom.datasets, pydicom.dcmread(path)]
-    supplied = pipeline.run(datasets, uid_seed="s").analysis
+    given = pydicom.dcmread(path)
+    given.SegmentSequence[0].TrackingID, given.SegmentSequence[0].TrackingUID = "A", "1.2.3.4.5"
+    datasets = [*phantom.datasets, given]
+    run = pipeline.run(datasets, uid_seed="s")
+    supplied = run.analysis
     assert supplied.segmentation.supplied is not None
     assert [m.task for m in supplied.models] == ["tmb", "subtype"]  # no segmentation model
+    # The SR tracks the supplied segment as the finding it already is (its Tracking UID).
+    groups = next(i for i in run.reports.sr.ContentSequence
+                  if i.ConceptNameCodeSequence[0].CodeValue == "126010").ContentSequence
+    tracking = {c.UID for g in groups for c in g.ContentSequence if c.ValueType == "UIDREF"
+                and c.ConceptNameCodeSequence[0].CodeValue == "112040"}
+    assert tracking == {"1.2.3.4.5"}
     model_only = Pipeline(dataclasses.replace(
         pipeline.config, segmentation=SegmentationConfig(device="cpu", source="model")),
         segmenter=pipeline.segmenter, measurer=pipeline.measurer,
