@@ -1,14 +1,16 @@
-"""Report stage: an :class:`~dicomnode.types.Analysis` becomes a DICOM SEG and a TID 1500 SR (PURE).
+"""Report stage: an :class:`~dicomnode.types.Analysis` becomes a DICOM SEG, a TID 1500 SR, key
+images and a PDF report (PURE).
 
 Everything is built in memory with highdicom; writing and sending are the job of
 :mod:`dicomnode.results` and :mod:`dicomnode.deliver`. The codes, units and texts come from an
 SR template file (``sr_templates/tid1500_tmb.toml``, see :mod:`dicomnode.report.template`).
 
-- :func:`build_reports`: the SEG (absent when no lesion was found) and the SR of one analysis.
+- :func:`build_reports`: the SEG (absent when no lesion was found), the SR, a key image per
+  lesion and the PDF of one analysis.
 - :func:`summarize_sr`: a readable text summary of an SR, for the CLI and the demo.
 - :func:`summary_json`: the JSON summary written next to the objects.
 
-The Specific Character Set the two objects declare, for names in any script and for sources
+The Specific Character Set the objects declare, for names in any script and for sources
 that declare a wrong one or none, is decided in :mod:`dicomnode.report.charset`.
 
 Neither summary contains the patient's name or ID.
@@ -27,7 +29,9 @@ from pydicom.dataelem import DataElement
 
 from dicomnode.config import ReportConfig
 from dicomnode.report.charset import settle_character_set
+from dicomnode.report.keyimages import build_key_images
 from dicomnode.report.keyslice import key_slices
+from dicomnode.report.pdf import build_pdf_report
 from dicomnode.report.seg import ReportUids, build_seg
 from dicomnode.report.sr import build_sr, report_warnings, summarize_sr
 from dicomnode.report.template import SrTemplate, load_template
@@ -69,7 +73,7 @@ def build_reports(
         series, instance and tracking UIDs, so a retried delivery repeats them exactly; a new
         job must use a new seed, so that re-issued results never reuse a UID.
     series_number_base
-        Series Number of the SEG; the SR gets the next number.
+        Series Number of the SEG; the SR, the key images and the PDF get the next three.
     predecessors
         Earlier SRs of the same series that this report replaces (Predecessor Documents).
 
@@ -78,7 +82,9 @@ def build_reports(
     dicomnode.types.ReportSet
         ``seg`` is ``None`` when no lesion was found (the SR then says so) and when the
         lesions were measured on a supplied SEG (the SR references that SEG's segments); a
-        supplied RTSTRUCT gets a SEG, so that viewers can show it.
+        supplied RTSTRUCT gets a SEG, so that viewers can show it. ``key_images`` (one per
+        lesion) and ``pdf`` are there when ``config.key_images`` / ``config.pdf_report`` say so;
+        the PDF is written without lesions too (it then says that none was found).
 
     Raises
     ------
@@ -108,12 +114,21 @@ def build_reports(
             series_number=series_number_base + 1,
             predecessors=predecessors,
         )
-    outputs = [ds for ds in (seg, sr) if ds is not None]
+        key_images = tuple(build_key_images(
+            analysis, slices, template=template, config=config, uids=uids,
+            series_number=series_number_base + 2,
+        )) if config.key_images else ()
+        pdf = build_pdf_report(
+            analysis, slices, template=template, config=config, uids=uids,
+            series_number=series_number_base + 3,
+        ) if config.pdf_report else None
+    reports = ReportSet(sr=sr, seg=seg, key_images=key_images, pdf=pdf)
+    outputs = list(reports.datasets())
     for ds in outputs:
         fit_inherited_values(ds)
         complete_deidentification_method(ds)
     settle_character_set(outputs, analysis.volume.sources[0])
-    return ReportSet(sr=sr, seg=seg)
+    return reports
 
 
 def _keep_supplied_tracking(uids: ReportUids, supplied: SuppliedSegmentation | None) -> ReportUids:
@@ -206,6 +221,8 @@ def summary_json(analysis: Analysis, reports: ReportSet) -> dict[str, Any]:
         "outputs": {
             "seg": _object_uids(reports.seg),
             "sr": _object_uids(reports.sr),
+            "key_images": [_object_uids(ds) for ds in reports.key_images],
+            "pdf": _object_uids(reports.pdf),
         },
     }
 

@@ -13,7 +13,9 @@ PURE = [
     "types.py", "errors.py", "assemble.py", "pipeline.py", "series/completion.py",
     "analyse/segment.py", "analyse/radiomics.py", "analyse/regional.py", "analyse/measure.py",
     "analyse/predict.py", "analyse/supplied.py", "masks.py",
-    "report/seg.py", "report/sr.py", "report/template.py", "report/charset.py", "jobs/machine.py",
+    "report/seg.py", "report/sr.py", "report/template.py", "report/charset.py",
+    "report/keyslice.py", "report/palette.py", "report/equipment.py", "report/findings.py",
+    "report/keyimages.py", "report/pdf.py", "jobs/machine.py",
 ]
 EDGE_IMPORTS = {"socket", "sqlite3", "subprocess", "pynetdicom", "requests", "dicomweb_client",
                 "http", "urllib", "dicomnode.receive", "dicomnode.spool", "dicomnode.deliver",

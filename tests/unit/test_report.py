@@ -445,7 +445,9 @@ def test_series_numbers_follow_the_base(analysis, template, config):
 def test_no_lesion_gives_a_valid_sr_that_says_so_and_no_seg(images, template, config, tmp_path):
     analysis = make_analysis(images, with_lesions=False)
     reports = build_reports(analysis, template=template, config=config, uid_seed="empty")
-    assert reports.seg is None and reports.datasets() == (reports.sr,)
+    # No SEG and no key image; the PDF says that nothing was found, for PACS-only readers.
+    assert reports.seg is None and reports.key_images == ()
+    assert reports.datasets() == (reports.sr, reports.pdf)
     _, sr_path = written(reports, tmp_path)
     assert dciodvfy_errors(sr_path) == []
     ok, output = dsrdump_ok(sr_path)
