@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs dicomnode and what it needs on a Debian 12 / Python 3.11 machine (or image).
 #   bash docker/install.sh          the node and its demo (no Debian packages needed)
-#   bash docker/install.sh --test   also Orthanc + DICOMweb plugin, dcmtk, dicom3tools and openssl for the tests
+#   bash docker/install.sh --test   also Orthanc + DICOMweb plugin, dcmtk, dicom3tools and openssl for the tests,
+#                                   and the real viewer: Chromium (+ nodejs/npm when node is missing),
+#                                   playwright-core and OHIF in tests/viewer (tests/viewer/install.sh)
 # Idempotent: what is already installed is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,12 +17,18 @@ if [ "$with_test" = 1 ]; then
   need=""
   for b in /usr/sbin/Orthanc /usr/bin/storescu /usr/bin/dsrdump /usr/bin/dciodvfy /usr/bin/openssl; do [ -x "$b" ] || need=1; done
   [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need=1
-  if [ -n "$need" ]; then
-    echo "== Debian packages: orthanc orthanc-dicomweb dcmtk dicom3tools openssl"
+  debs=()
+  if [ -n "$need" ]; then debs+=(orthanc orthanc-dicomweb dcmtk dicom3tools openssl); fi
+  # The real viewer (tests/integration/test_viewer.py): Debian's Chromium, driven from node.
+  [ -x /usr/bin/chromium ] || debs+=(chromium)
+  command -v node >/dev/null 2>&1 || debs+=(nodejs npm)
+  if [ "${#debs[@]}" -gt 0 ]; then
+    echo "== Debian packages: ${debs[*]}"
     $SUDO apt-get update -qq
     # The orthanc package tries to start its system service; a container refuses that harmlessly.
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openssl >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${debs[@]}" >/dev/null
   fi
+  bash tests/viewer/install.sh
 fi
 
 echo "== PyTorch (CPU wheel here; a GPU server keeps its CUDA build: any 2.2-2.14 satisfies dicomnode)"
