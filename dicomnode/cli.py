@@ -42,6 +42,7 @@ typical use:
   dicomnode process ./ct-series --out ./results         same pipeline on a folder, no network
   dicomnode jobs                                        what the node did, with reasons
   dicomnode cohort export --out corrections.csv         radiologists' corrections as a cohort
+  dicomnode viewer --dicomweb http://pacs:8042/dicom-web   the results in OHIF, as radiologists see them
 """
 
 
@@ -354,6 +355,34 @@ def cmd_train_subtypes(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- demo
+def cmd_viewer(args: argparse.Namespace) -> int:
+    from dicomnode.viewer import ViewerError, ViewerServer
+
+    root = args.dicomweb or _stow_url(_load_config(args.config))
+    if not root:
+        print("no DICOMweb root: give --dicomweb URL, or a configuration with a stow destination",
+              file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        server = ViewerServer(root, Path(args.ohif_dist) if args.ohif_dist else None,
+                              host=args.host, port=args.port).start()
+    except (ViewerError, OSError) as exc:
+        print(f"cannot start the viewer: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"OHIF in front of {root}: open {server.viewer_url(args.study)} (Ctrl-C stops)", flush=True)
+    stop.wait()
+    server.stop()
+    return EXIT_OK
+
+
+def _stow_url(config: Config) -> str:
+    """The DICOMweb root of the first STOW-RS destination, where the results went."""
+    return next((d.url for d in config.destinations if d.kind == "stow"), "")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dicomnode.demo import run_demo
 
@@ -402,6 +431,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-output", help="folder for the demo's files (default: %(default)s)")
     p.add_argument("--seed", type=int, default=10001, help="phantom seed (10000+ are never used in training)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "viewer", help="OHIF on this machine in front of a PACS's DICOMweb (what radiologists see)",
+        description="Serve OHIF's prebuilt dist/ (installed by docker/install.sh --test, or "
+                    "--ohif-dist / DICOMNODE_OHIF_DIST) and proxy /dicom-web to the PACS, so "
+                    "that a browser on this machine shows the CT with dicomnode's SEG, SR, key "
+                    "images and PDF. Open the printed URL; double-click the SEG or SR series "
+                    "in the study browser to show it over the CT.",
+        epilog="example: dicomnode viewer --dicomweb http://127.0.0.1:8042/dicom-web "
+               "--study 1.2.826.0.1.3680043.8.498.1",
+    )
+    p.add_argument("--dicomweb", metavar="URL",
+                   help="the PACS's DICOMweb root (default: the configuration's stow destination)")
+    p.add_argument("--study", metavar="UID", help="print a link that opens this study")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=3000, help="port (default: %(default)s)")
+    p.add_argument("--ohif-dist", metavar="DIR", help="OHIF's dist/ folder")
+    config_option(p)
+    p.set_defaults(func=cmd_viewer)
 
     p = sub.add_parser("jobs", help="list jobs with their state and reason")
     config_option(p)

@@ -5,8 +5,8 @@ patient of ``../shared/data/sts_cohort``, with the clinician's contour as the tr
 folder is there, else a synthetic CT with known lesions (which lie outside the model's domain:
 expect few or none to be found). A listener starts on a free loopback port with a folder
 destination, the study is sent to it by C-STORE, and the demo waits for the job while showing
-its progress; then it prints where the SEG and SR are, a readable summary of the SR, and how
-well the SEG matches the truth (Dice).
+its progress; then it prints where the SEG, SR, key images and PDF are, a readable summary of
+the SR, how well the SEG matches the truth (Dice), and how to look at the results in a viewer.
 """
 
 from __future__ import annotations
@@ -158,9 +158,50 @@ def run_demo(out: Path, *, seed: int = 10001) -> int:
     print(f"Delivered to the folder destination {out / 'results'}:")
     for path in sorted((out / "results").rglob("*.dcm")):
         print(f"  {pydicom.dcmread(path, stop_before_pixels=True).Modality:<4} {path}")
-    print(f"Job files (SEG, SR, summary.json): {folder}")
+    print(f"Job files (SEG, SR, key images, PDF, summary.json): {folder}")
+    print()
+    print("\n".join(viewer_instructions(out, folder, str(sr.StudyInstanceUID))))
+    print()
     print(f"Demo finished in {time.perf_counter() - started:.0f} s. These are research predictions, not clinical results.")
     return 0
+
+
+def viewer_instructions(out: Path, folder: Path, study_uid: str) -> list[str]:
+    """How to look at the results as a radiologist would: the PDF as a file, any DICOM viewer
+    on the delivered files, and OHIF through ``dicomnode viewer`` when it is installed."""
+    import pydicom
+
+    from dicomnode.results import PDF_FILE
+    from dicomnode.viewer import ViewerError, find_ohif_dist
+
+    lines = ["How to look at the results:"]
+    if (folder / PDF_FILE).exists():
+        pdf = out / "report.pdf"
+        pdf.write_bytes(_pdf_bytes(pydicom.dcmread(folder / PDF_FILE)))
+        lines.append(f"  the PDF report (results table and key images): {pdf}")
+    lines.append(f"  in any DICOM viewer: open the files under {out / 'results'} (the key images "
+                 "show each lesion's outline and results, the SEG and SR need a viewer that reads them)")
+    try:
+        dist = find_ohif_dist()
+    except ViewerError:
+        lines.append("  in OHIF: not installed here (bash docker/install.sh --test installs it); "
+                     "then send the results and the CT to a PACS with DICOMweb and run "
+                     "dicomnode viewer --dicomweb <its DICOMweb root>")
+        return lines
+    lines += [
+        f"  in OHIF ({dist}): send the CT and the results to a PACS with DICOMweb (for example",
+        "    Orthanc: storescu -aec ORTHANC +sd +r 127.0.0.1 4242 <CT folder> " + str(out / "results"),
+        "    ), then run",
+        f"    dicomnode viewer --dicomweb http://127.0.0.1:8042/dicom-web --study {study_uid}",
+        "    and open the printed URL: double-click the SEG or the SR series to show it on the CT.",
+    ]
+    return lines
+
+
+def _pdf_bytes(document: Dataset) -> bytes:
+    """The PDF inside an Encapsulated PDF instance, without the padding byte DICOM adds."""
+    data = bytes(document.EncapsulatedDocument)
+    return data[: int(document.get("EncapsulatedDocumentLength", len(data)))]
 
 
 class _Steps:

@@ -36,7 +36,7 @@ from pydicom.uid import EncapsulatedPDFStorage
 
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc
 from sarcoma import held_out_series
-from viewer import ViewerServer, probe, require_viewer
+from viewer import OHIF_DIST, ViewerServer, probe, require_viewer
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
@@ -164,7 +164,8 @@ def viewer(tmp_path_factory):
         pytest.skip("Orthanc with the DICOMweb plugin is not installed (orthanc, orthanc-dicomweb)")
     require_viewer()
     pacs = Orthanc(tmp_path_factory.mktemp("viewer") / "orthanc").start()
-    server = ViewerServer(pacs.http_url).start()
+    server = ViewerServer(f"{pacs.http_url}/dicom-web", OHIF_DIST,
+                          friendly_name="dicomnode test Orthanc").start()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield pacs, server
     server.stop()
