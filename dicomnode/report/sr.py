@@ -1,4 +1,7 @@
-"""The TID 1500 Measurement Report in a Comprehensive SR (PS3.3 A.35.3, PS3.16 TID 1500) (PURE).
+"""The TID 1500 Measurement Report in a Comprehensive 3D SR (PS3.3 A.35.13, PS3.16 TID 1500) (PURE).
+
+Comprehensive 3D SR, not Comprehensive SR: IHE AI Results (RAD TF-3 6.5.3) asks for it, and
+OHIF, highdicom, dcmqi and dsrdump read it as they read the other (the tests check all four).
 
 Content tree (PS3.16 TID 1500, TID 1411, TID 300, TID 4019, TID 4108)::
 
@@ -88,8 +91,8 @@ def build_sr(
     uids: ReportUids,
     series_number: int,
     predecessors: Sequence[Dataset] = (),
-) -> hd.sr.ComprehensiveSR:
-    """Build the Comprehensive SR of ``analysis`` in memory.
+) -> hd.sr.Comprehensive3DSR:
+    """Build the Comprehensive 3D SR of ``analysis`` in memory.
 
     Parameters
     ----------
@@ -134,7 +137,7 @@ def build_sr(
     evidence = [*analysis.volume.sources, *([seg] if seg is not None else []),
                 *([supplied.header] if supplied is not None and supplied.kind == "RTSTRUCT" else [])]
     try:
-        return hd.sr.ComprehensiveSR(
+        return hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=root,
             series_instance_uid=uids.sr_series,

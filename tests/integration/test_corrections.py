@@ -84,7 +84,7 @@ def wait_for(condition, what: str, node: NodeProcess, pacs: Orthanc, timeout: fl
 
 
 def volumes_in(sr: pydicom.Dataset) -> list[float]:
-    return sorted(m.value for g in hd.sr.ComprehensiveSR.from_dataset(sr).content
+    return sorted(m.value for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content
                   .get_volumetric_roi_measurement_groups()
                   for m in g.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume")))
 

@@ -289,7 +289,7 @@ def test_seg_is_in_the_ct_study_and_references_the_ct_series(reports, images):
 
 def test_sr_groups_track_and_reference_the_seg_segments(files, reports):
     sr = hd.sr.srread(files[1])
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (IHE AIR)
     segments = {str(s.TrackingUID): int(s.SegmentNumber) for s in reports.seg.SegmentSequence}
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == 2
@@ -406,7 +406,7 @@ def test_lesion_without_prediction_keeps_its_volume_and_says_why(analysis, templ
     )
     partial = dataclasses.replace(analysis, features=features, predictions=analysis.predictions[:1])
     reports = build_reports(partial, template=template, config=config, uid_seed="partial")
-    groups = hd.sr.ComprehensiveSR.from_dataset(reports.sr).content
+    groups = hd.sr.Comprehensive3DSR.from_dataset(reports.sr).content
     second = groups.get_volumetric_roi_measurement_groups()[1]
     assert [m.name for m in second.get_measurements()] == [codes.SCT.Volume]
     evaluated = [e.name for e in second.get_qualitative_evaluations()]
