@@ -9,7 +9,6 @@ the folder the user named.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pydicom
 from pydicom import Dataset
 
+from dicomnode.spool.store import write_atomically
 from dicomnode.types import ReportSet
 
 
@@ -31,23 +31,10 @@ class ResultFiles:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either nothing or all of it, durably.
-
-    Temporary file in the same folder, fsync, rename, fsync of the folder: the rename is
-    atomic on POSIX and the folder fsync makes the new name survive a power cut.
-    """
+    """Write ``data`` so that ``path`` holds either nothing or all of it, durably, readable by
+    the node's user only (the results hold patient data): the spool's own atomic write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomically(path, (data,))
 
 
 def _encode(ds: Dataset) -> bytes:

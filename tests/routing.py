@@ -57,13 +57,14 @@ def node_jobs(work: Path, study_uid: str) -> list[tuple[str, str]]:
 
 
 def series_in_study(pacs: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
-    """Datasets Orthanc holds for a study, by modality (CT, SEG, SR)."""
+    """Datasets Orthanc holds for a study, by modality: the results (SEG, SR, key images OT,
+    PDF DOC) downloaded, the CT only listed."""
     query = {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
     found = requests.post(f"{pacs.http_url}/tools/find", json=query, auth=pacs.auth, timeout=10).json()
     out: dict[str, list[pydicom.Dataset]] = {}
     for series in found:
         modality = series["MainDicomTags"].get("Modality", "")
-        if modality in {"SEG", "SR"}:
+        if modality in {"SEG", "SR", "OT", "DOC"}:
             out.setdefault(modality, []).extend(pacs.download(i) for i in series["Instances"])
         else:
             out.setdefault(modality, [])

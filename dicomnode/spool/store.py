@@ -136,12 +136,12 @@ class Spool:
         if same:
             return Stored(final, Outcome.DUPLICATE)
         try:
-            _write_atomically(final, parts)
+            write_atomically(final, parts)
         except FileNotFoundError:
             # The folder was removed (by a clean-up) after it was cached: create it again.
             self._durable_dirs -= {final.parent, final.parent.parent}
             self._ensure_durable_dir(final.parent)
-            _write_atomically(final, parts)
+            write_atomically(final, parts)
         return Stored(final, Outcome.NEW if same is None else Outcome.REPLACED)
 
     def remove_temporary_files(self) -> int:
@@ -172,7 +172,7 @@ class Spool:
             self._durable_dirs.add(folder)
 
 
-def _write_atomically(final: Path, parts: Sequence[Buffer]) -> None:
+def write_atomically(final: Path, parts: Sequence[Buffer]) -> None:
     """Write ``parts`` to a temporary sibling, fsync, rename it to ``final``, fsync the folder."""
     # mkstemp creates the file with mode 0600: the spool holds patient data.
     fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=_TEMP_SUFFIX)

@@ -155,7 +155,7 @@ def test_names_in_every_character_set_reach_the_pacs_intact(charset_node, tmp_pa
         assert len(held["SEG"]) == 1 and len(held["SR"]) == 1, case.id
         ct_as_orthanc_reads_it = pacs.get(
             f"/instances/{orthanc_id(pacs, ct.SOPInstanceUID)}/simplified-tags").json()
-        for modality in ("SEG", "SR"):
+        for modality in ("SEG", "SR", "OT", "DOC"):  # and the key image and the PDF
             (ds,) = held[modality]
             what = f"{case.id} {modality}"
             # The file as the PACS holds it, decoded by pydicom with its own declaration.

@@ -110,8 +110,13 @@ def reports(datasets: list[pydicom.Dataset]) -> list[tuple[str, str]]:
     return sorted((str(ds.Modality), str(ds.SOPInstanceUID)) for ds in datasets)
 
 
+#: One job's report objects, sorted by Modality: the PDF, the key image of its one lesion, the
+#: SEG and the SR.
+REPORT_MODALITIES = ["DOC", "OT", "SEG", "SR"]
+
+
 def saved_reports(data_dir: Path) -> list[tuple[str, str]]:
-    """The report objects the node saved for delivery (``results/<job>/{seg,sr}.dcm``)."""
+    """The report objects the node saved for delivery (``results/<job>/*.dcm``)."""
     return reports([pydicom.dcmread(p) for p in sorted((data_dir / "results").glob("*/*.dcm"))])
 
 
@@ -163,7 +168,7 @@ def test_kill_9_loses_nothing_and_duplicates_nothing(tmp_path: Path, kill_point:
         assert_spool_complete(data_dir)
         assert job_states(data_dir) == ["delivered"]
         modalities = [modality for modality, _ in orthanc_reports(pacs)]
-        assert modalities == ["SEG", "SR"]
+        assert modalities == REPORT_MODALITIES
     finally:
         node.stop()
         pacs.stop()
@@ -172,12 +177,12 @@ def test_kill_9_loses_nothing_and_duplicates_nothing(tmp_path: Path, kill_point:
 @pytest.mark.parametrize("hold", ["request", "response"])
 def test_kill_9_inside_a_stow_request(tmp_path: Path, hold: str) -> None:
     """Kill the node while its STOW-RS request is in flight, held by a proxy: ``request``,
-    sent but not forwarded (Orthanc never sees it); ``response``, Orthanc stored both
+    sent but not forwarded (Orthanc never sees it); ``response``, Orthanc stored the
     objects and answered but the node never gets the answer. The restarted node delivers
-    again with the same UIDs: one SEG and one SR in Orthanc, no duplicate."""
+    again with the same UIDs: one SEG, SR, key image and PDF in Orthanc, no duplicate."""
     pacs = Orthanc(tmp_path / "orthanc").start()
     proxy = HoldingProxy(pacs.http_port).hold(hold)
-    # The first request is held: stow.py sends SEG and SR in one request, and were they sent
+    # The first request is held: stow.py sends a job's objects in one request, and were they sent
     # apart, the second would never start. A long client timeout: the node must still be
     # waiting for its answer when it is killed.
     node, data_dir, folder = crash_node(tmp_path, f"{proxy.url}/dicom-web", quiet_seconds=1,
@@ -194,7 +199,7 @@ def test_kill_9_inside_a_stow_request(tmp_path: Path, hold: str) -> None:
         assert jobs == [("delivering", 0)], jobs
         assert_spool_complete(data_dir)
         sent = saved_reports(data_dir)
-        assert [modality for modality, _ in sent] == ["SEG", "SR"], sent
+        assert [modality for modality, _ in sent] == REPORT_MODALITIES, sent
         [request] = proxy.requests
         assert request.startswith(b"POST "), request[:200]
         in_request = [(m, uid) for m, uid in sent if uid.encode() in body(request)]
@@ -214,7 +219,7 @@ def test_kill_9_inside_a_stow_request(tmp_path: Path, hold: str) -> None:
         assert proxy.forwarded == len(again) + (hold == "response")
         assert all(sum(uid.encode() in b for b in again) == 1 for _, uid in sent), sent
         assert_spool_complete(data_dir)
-        # Exactly one SEG and one SR, and the very objects the killed node was sending.
+        # Each object once, and the very objects the killed node was sending.
         assert orthanc_reports(pacs) == sent
     finally:
         node.stop()

@@ -54,7 +54,7 @@ def routed(tmp_path_factory):
 
 def validate_files(tmp_path: Path, held: dict[str, list[pydicom.Dataset]]) -> None:
     for modality, datasets in held.items():
-        for k, ds in enumerate(datasets if modality in {"SEG", "SR"} else []):
+        for k, ds in enumerate(datasets if modality in {"SEG", "SR", "OT", "DOC"} else []):
             path = tmp_path / f"{modality}{k}.dcm"
             ds.save_as(path)
             assert dciodvfy_errors(path) == [], f"dciodvfy errors in {modality}"
@@ -89,12 +89,18 @@ def test_a_sarcoma_ct_comes_back_as_seg_and_sr_on_the_tumour(routed, tmp_path):
     jobs, held = wait_for_outcome(pacs, node, work, ct.StudyInstanceUID, want_seg=True)
     assert [s for s, _ in jobs] == ["delivered"], jobs
     assert len(held["SEG"]) == 1 and len(held["SR"]) == 1
+    # The fallback for viewers without SEG or SR came with them: a key image and the PDF.
+    assert len(held["OT"]) == 1 and len(held["DOC"]) == 1
     seg, sr = held["SEG"][0], held["SR"][0]
     validate_files(tmp_path, held)
+    key_image, pdf = held["OT"][0], held["DOC"][0]
+    assert key_image.StudyInstanceUID == pdf.StudyInstanceUID == ct.StudyInstanceUID
+    assert bytes(pdf.EncapsulatedDocument).startswith(b"%PDF")
 
     # Same study, new series, and the SEG points at the CT series it was made from.
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == ct.StudyInstanceUID
-    assert len({seg.SeriesInstanceUID, sr.SeriesInstanceUID, ct.SeriesInstanceUID}) == 3
+    assert len({seg.SeriesInstanceUID, sr.SeriesInstanceUID, ct.SeriesInstanceUID,
+                key_image.SeriesInstanceUID, pdf.SeriesInstanceUID}) == 5
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.SeriesInstanceUID
     # The SR's measurement groups reference exactly the SEG's segments.
     segments = {(seg.SOPInstanceUID, int(s.SegmentNumber)) for s in seg.SegmentSequence}
