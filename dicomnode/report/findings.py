@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dicomnode.errors import ReportError
+from pydicom.sr.coding import Code
+
 from dicomnode.report.equipment import contributing_models
-from dicomnode.report.sr import report_warnings
+from dicomnode.report.sr import predicted_codes, report_warnings
 from dicomnode.report.template import SrTemplate
 from dicomnode.types import Analysis, Lesion, Prediction
 
@@ -103,8 +104,9 @@ def _row(lesion: Lesion, prediction: Prediction | None, template: SrTemplate) ->
         confidence = _fraction_text(lesion.confidence, template.confidence_scale)
     tmb_probability = tmb_status = subtype = NOT_PREDICTED
     if prediction is not None:
-        tmb_probability, tmb_status = _tmb_texts(prediction, template)
-        subtype = _subtype_meaning(prediction, template)
+        status, subtype_code = predicted_codes(prediction, template)
+        tmb_probability, tmb_status = _tmb_texts(prediction, status, template)
+        subtype = subtype_code.meaning
     return FindingRow(
         label=lesion.label,
         lesion=template.lesion_name(lesion.label),
@@ -133,25 +135,13 @@ def _fraction_text(value: float, scale: float) -> str:
     return f"{value:.2f}"
 
 
-def _tmb_texts(prediction: Prediction, template: SrTemplate) -> tuple[str, str]:
+def _tmb_texts(prediction: Prediction, status: Code, template: SrTemplate) -> tuple[str, str]:
     """The TMB-high probability and the status with the threshold that decided it, both in
     the unit the SR's planar group shows the probability in (what OHIF displays)."""
     scale = template.shown_tmb_probability_scale
-    status = template.tmb_high if prediction.tmb_high else template.tmb_low
     threshold = _fraction_text(prediction.tmb_threshold, scale)
     return (_fraction_text(prediction.tmb_probability, scale),
             f"{status.meaning} (threshold {threshold})")
-
-
-def _subtype_meaning(prediction: Prediction, template: SrTemplate) -> str:
-    """The subtype as the SR codes it: the template's meaning of the predicted code."""
-    try:
-        return template.subtype_code(prediction.subtype.code_value).meaning
-    except KeyError:
-        raise ReportError(
-            f"lesion {prediction.label}: subtype code {prediction.subtype.code_value!r} is not "
-            "declared in the SR template's [subtype].codes"
-        ) from None
 
 
 def model_lines(analysis: Analysis) -> tuple[str, ...]:

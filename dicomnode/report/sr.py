@@ -394,10 +394,15 @@ def _model_algorithm(model: ModelInfo | None, template: SrTemplate,
                                          parameters=list(parameters) or None)
 
 
-def _predicted_classes(
-    prediction: Prediction, template: SrTemplate
-) -> list[hd.sr.QualitativeEvaluation]:
-    """TMB status (High iff probability >= threshold) and the imaging subtype."""
+def predicted_codes(prediction: Prediction, template: SrTemplate) -> tuple[Code, Code]:
+    """The TMB status (High iff probability >= threshold) and the imaging subtype as the
+    template codes them; the key images and the PDF name the same codes.
+
+    Raises
+    ------
+    dicomnode.errors.ReportError
+        When the subtype is not declared in the template.
+    """
     try:
         subtype = template.subtype_code(prediction.subtype.code_value)
     except KeyError:
@@ -405,7 +410,14 @@ def _predicted_classes(
             f"lesion {prediction.label}: subtype code {prediction.subtype.code_value!r} is not "
             "declared in the SR template's [subtype].codes"
         ) from None
-    status = template.tmb_high if prediction.tmb_high else template.tmb_low
+    return (template.tmb_high if prediction.tmb_high else template.tmb_low), subtype
+
+
+def _predicted_classes(
+    prediction: Prediction, template: SrTemplate
+) -> list[hd.sr.QualitativeEvaluation]:
+    """TMB status and imaging subtype as qualitative evaluations."""
+    status, subtype = predicted_codes(prediction, template)
     return [
         hd.sr.QualitativeEvaluation(name=template.tmb_status, value=status),
         hd.sr.QualitativeEvaluation(name=template.subtype_concept, value=subtype),
