@@ -51,7 +51,10 @@ class NodeConfig:
     #: association negotiation (PS3.8 9.3.3.2: abstract syntax not supported) and no C-STORE
     #: for it can arrive; "accept" stores them in the spool but never routes them.
     non_ct: Literal["reject", "accept"] = "reject"
-    max_pdu: int = 0  # 0 = unlimited
+    #: Largest P-DATA PDU (bytes) the node accepts, announced as its Maximum Length (PS3.8
+    #: D.1). A PDU is read whole into memory, so this bounds what one connection holds; a peer
+    #: that sends a longer PDU is disconnected. 4096 to 16 MiB.
+    max_pdu: int = 1048576
     #: Refuse associations whose Called AE Title is not ``ae_title``: A-ASSOCIATE-RJ
     #: rejected-permanent, reason 7 "called-AE-title-not-recognized" (PS3.8 9.3.4).
     require_called_ae: bool = True
@@ -80,8 +83,35 @@ class NodeConfig:
     tls_require_client_cert: bool = False
     #: Lowest TLS version accepted (BCP 195: TLS 1.2 or later).
     tls_min_version: Literal["1.2", "1.3"] = "1.2"
+    #: Associations served at once (negotiated, all hosts), and from one calling host. More
+    #: are refused with A-ASSOCIATE-RJ rejected-transient, reason "local limit exceeded".
+    max_associations: int = 20
+    max_associations_per_host: int = 10
+    #: Connections that have not yet sent a whole A-ASSOCIATE-RQ, from one host and in all.
+    #: A new connection over either limit closes the oldest such connection (of that host,
+    #: or overall), so connections that stall before negotiating cannot lock senders out.
+    max_pending_per_host: int = 8
+    max_pending_connections: int = 64
+    #: Deadlines (seconds): from connecting (after the TLS handshake) to a whole
+    #: A-ASSOCIATE-RQ; from a PDU's first byte to its last; from a data set's first fragment
+    #: to its last; silence between PDUs of an association. Past one, the connection is
+    #: closed (A-ABORT once associated) and the reason logged.
+    association_request_seconds: float = 10.0
+    pdu_seconds: float = 30.0
+    data_set_seconds: float = 600.0
+    idle_seconds: float = 60.0
+    #: Largest instance (MB, as received) stored; a larger one is not held in memory (data
+    #: sets are streamed to the spool's disk as they arrive) and is answered 0xA700.
+    max_instance_mb: float = 256.0
+    #: Largest inflated size (MB) of a Deflated Explicit VR Little Endian data set (a deflate
+    #: bomb of 0.5 MB can inflate to gigabytes); larger ones are answered 0xA700.
+    max_inflated_mb: float = 256.0
+    #: Group that may read the node's files (a service account's group). Empty: files are
+    #: 0600 and folders 0700, owner only; set: 0640 and 0750 (setgid), owned by that group.
+    file_group: str = ""
 
     def __post_init__(self) -> None:
+        self._check_limits()
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
             raise ConfigError(
@@ -101,6 +131,24 @@ class NodeConfig:
                 "node.tls_key_password_env: give tls_key_password_env or "
                 "tls_key_password_file, not both"
             )
+
+    def _check_limits(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"node.port: must lie in 0..65535 (0: any free port), got {self.port}")
+        if not 4096 <= self.max_pdu <= 16 * 2**20:
+            raise ConfigError(f"node.max_pdu: must lie in 4096..16777216 bytes, got {self.max_pdu}")
+        for key in ("max_associations", "max_associations_per_host", "max_pending_per_host",
+                    "max_pending_connections"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"node.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("association_request_seconds", "pdu_seconds", "data_set_seconds",
+                    "idle_seconds", "max_instance_mb", "max_inflated_mb"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"node.{key}: must be > 0, got {getattr(self, key)}")
+        if self.max_associations_per_host > self.max_associations:
+            raise ConfigError(
+                f"node.max_associations_per_host: {self.max_associations_per_host} is more "
+                f"than node.max_associations ({self.max_associations})")
 
     @property
     def tls(self) -> bool:
@@ -134,6 +182,23 @@ class AssemblyConfig:
     spacing_tolerance: float = 0.1
     #: Largest angle (degrees) between slice orientations that still counts as one orientation.
     orientation_tolerance_deg: float = 1.0
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """Limits on the work one job may cause (see ``dicomnode.jobs.runner``)."""
+
+    #: Times a job's analysis is started, counting starts that a crash or kill interrupted;
+    #: a job interrupted this often fails with the reason instead of crash-looping the node.
+    max_attempts: int = 3
+    #: Largest volume (voxels: rows x columns x slices, from the headers) one job analyses;
+    #: a larger series fails with the reason before any pixel data is read.
+    max_voxels: int = 512 * 512 * 1024
+
+    def __post_init__(self) -> None:
+        for key in ("max_attempts", "max_voxels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"jobs.{key}: must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -289,6 +354,9 @@ class DestinationConfig:
     #: require client certificates.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    #: stow: allow a username, password or token over plain ``http://`` (sent in clear on the
+    #: network). Off: such a destination is refused at start-up; use https.
+    allow_insecure_credentials: bool = False
 
 
 @dataclass(frozen=True)
@@ -306,6 +374,7 @@ class DeliveryConfig:
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     radiomics: RadiomicsConfig = field(default_factory=RadiomicsConfig)
