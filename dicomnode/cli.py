@@ -6,15 +6,18 @@ Run ``dicomnode --help`` for the list and ``dicomnode <command> --help`` for eac
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import shlex
 import signal
+import sqlite3
 import sys
 import threading
 import time
 import uuid
 from collections import defaultdict
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,7 @@ from dicomnode.errors import ConfigError, DicomNodeError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; commands import what they run lazily
     from dicomnode.cohort import DicomwebSource
+    from dicomnode.node import Node
 
 log = logging.getLogger("dicomnode")
 
@@ -46,11 +50,40 @@ typical use:
 """
 
 
+#: Control characters (C0, DEL, C1, Unicode line and paragraph separators), each mapped to
+#: its Python escape: ``"\n"`` becomes the two characters ``\n``.
+_CONTROL_ESCAPES = str.maketrans({
+    code: repr(chr(code))[1:-1]
+    for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+})
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control character written as its escape (``\\n``, ``\\x1b``, ...)."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
+class EscapingFormatter(logging.Formatter):
+    """A formatter that escapes control characters in each record's message.
+
+    Messages carry peer-supplied text (UIDs, AE titles), also inside pynetdicom's own
+    messages: a newline in it would start a forged log line, an ESC drive the terminal. The
+    message becomes one line; a traceback appended after it keeps its lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        message = record.message
+        record.message = escape_control(message)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message  # other handlers format the record too
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     # pyradiomics, pynetdicom and highdicom are chatty at INFO; their warnings still show.
     for name in ("radiomics", "pynetdicom", "highdicom"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -66,21 +99,88 @@ def _load_config(path: str | None) -> Config:
 
 
 # --------------------------------------------------------------------------- serve
-def cmd_serve(args: argparse.Namespace) -> int:
-    from dicomnode.node import Node
+class StartupError(DicomNodeError):
+    """The node cannot start for a reason in its surroundings (port, disk, database); the
+    message says which, for the operator."""
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
-    node = Node(config)
+    node = _open_node(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    node.start()
+    _start_listening(node)
     print(f"dicomnode listening as {config.node.ae_title} on {config.node.host}:{node.port} (Ctrl-C stops)",
           flush=True)
     stop.wait()
     log.info("stopping")
     node.stop()
     return EXIT_OK
+
+
+def _open_node(config: Config) -> Node:
+    """The node with its data folder, databases and models open.
+
+    Raises
+    ------
+    StartupError
+        A database is damaged or a file cannot be written (the reason, not a traceback:
+        these are for the operator to fix).
+    """
+    from dicomnode.node import Node
+
+    data_dir = config.resolve(config.node.data_dir)
+    try:
+        return Node(config)
+    except sqlite3.DatabaseError as exc:
+        raise _database_error(data_dir, exc) from exc
+    except OSError as exc:
+        raise StartupError(f"cannot use {exc.filename or data_dir}: {exc.strerror or exc}") from exc
+
+
+def _start_listening(node: Node) -> None:
+    """Start the listener and the runner; :class:`StartupError` when the port cannot be used."""
+    try:
+        node.start()
+    except OSError as exc:
+        node.stop()
+        if exc.filename:  # a file under the data folder, not the socket
+            raise StartupError(f"cannot use {exc.filename}: {exc.strerror}") from exc
+        raise StartupError(_listen_error(node.config, exc)) from exc
+
+
+#: What an operator should check when the listening socket cannot be opened.
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "is another node or program using node.port?",
+    errno.EACCES: "ports below 1024 need privileges; choose another node.port",
+    errno.EADDRNOTAVAIL: "node.host is not an address of this machine",
+}
+
+
+def _listen_error(config: Config, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    hint = _LISTEN_HINTS.get(exc.errno)
+    where = f"{config.node.host}:{config.node.port}"
+    return f"cannot listen on {where}: {reason}" + (f" ({hint})" if hint else "")
+
+
+def _database_error(data_dir: Path, exc: sqlite3.DatabaseError) -> StartupError:
+    """The error for a database that would not open, naming the damaged file when one is."""
+    damaged = next((db for db in sorted(data_dir.glob("*.sqlite")) if not _intact(db)), None)
+    if damaged is None:
+        return StartupError(f"cannot open the databases in {data_dir}: {exc}")
+    return StartupError(f"{damaged} is damaged ({exc}): restore it from a backup, or move it "
+                        "aside to start with an empty one")
+
+
+def _intact(db: Path) -> bool:
+    """Whether SQLite's quick check passes on ``db`` (opened read-only)."""
+    try:
+        with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as conn:
+            return conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    except sqlite3.DatabaseError:
+        return False
 
 
 # --------------------------------------------------------------------------- process
@@ -128,9 +228,10 @@ def cmd_process(args: argparse.Namespace) -> int:
     if not series:
         print(f"refused: no DICOM series found in {folder}", file=sys.stderr)
         return EXIT_REFUSED
+    out = Path(args.out)
+    _private_output(config, out)
     print(f"found {len(series)} series in {folder}; loading models ...", flush=True)
     pipeline = Pipeline.from_config(config)
-    out = Path(args.out)
     produced = 0
     for (study_uid, series_uid), datasets in series.items():
         print(f"series {series_uid} ({len(datasets)} instances)", flush=True)
@@ -157,6 +258,20 @@ def cmd_process(args: argparse.Namespace) -> int:
         print("refused: no series could be processed (reasons above)", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
+
+
+def _private_output(config: Config, out: Path) -> None:
+    """Make what ``process`` writes readable by this user only (or ``node.file_group``).
+
+    An existing folder keeps its mode (it may be the user's own working folder); what is
+    written into it is private.
+    """
+    from dicomnode.filemodes import FileModes, apply, ensure_private_folder
+
+    modes = FileModes.for_group(config.node.file_group)
+    apply(modes)
+    if not out.exists():
+        ensure_private_folder(out, modes, "--out")
 
 
 # --------------------------------------------------------------------------- jobs / retry
@@ -231,9 +346,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     template = config.resolve(config.report.template_file)
     if not template.exists():
         raise ConfigError(f"report.template_file: {template} does not exist")
+    from dicomnode.filemodes import FileModes
     from dicomnode.receive import server_tls_context
 
     server_tls_context(config)  # the node.tls_* files and key password, as serve checks them
+    FileModes.for_group(config.node.file_group)  # a group that exists
     print(f"{args.config or 'defaults'}: configuration is valid")
     return EXIT_OK
 
@@ -598,9 +715,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
+        log.debug("configuration error", exc_info=True)  # the traceback, for --log-level DEBUG
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except DicomNodeError as exc:
+        log.debug("error", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
 

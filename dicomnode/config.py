@@ -10,10 +10,12 @@ Relative paths in a TOML file are resolved against the project home (see :func:`
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import sys
 import tomllib
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -489,12 +491,17 @@ def from_mapping(data: dict[str, Any], environ: typing.Mapping[str, str] | None 
 
 
 def _check_destination(d: DestinationConfig, where: str) -> None:
-    if d.kind == "stow" and not d.url.startswith(("http://", "https://")):
-        raise ConfigError(f"{where}.url: a stow destination needs an http(s) DICOMweb URL")
-    if d.kind == "cstore" and not (d.ae_title and d.host and d.port):
-        raise ConfigError(f"{where}: a cstore destination needs ae_title, host and port")
+    if d.kind == "stow":
+        _check_stow_url(d, where)
+    if d.kind == "cstore":
+        if not (d.ae_title and d.host and d.port):
+            raise ConfigError(f"{where}: a cstore destination needs ae_title, host and port")
+        if not 1 <= d.port <= 65535:
+            raise ConfigError(f"{where}.port: must lie in 1..65535, got {d.port}")
     if d.tls and d.kind != "cstore":
         raise ConfigError(f"{where}.tls: only a cstore destination uses it (use an https URL)")
+    if d.allow_insecure_credentials and d.kind != "stow":
+        raise ConfigError(f"{where}.allow_insecure_credentials: only a stow destination uses it")
     if bool(d.tls_cert_file) != bool(d.tls_key_file):
         raise ConfigError(f"{where}: give both tls_cert_file and tls_key_file, or neither")
     if d.tls_cert_file and not d.tls:
@@ -503,6 +510,57 @@ def _check_destination(d: DestinationConfig, where: str) -> None:
         raise ConfigError(f"{where}: give password_env or password_file, not both")
     if d.token_env and d.token_file:
         raise ConfigError(f"{where}: give token_env or token_file, not both")
+
+
+#: Keys that make a stow destination send credentials with every request.
+_CREDENTIAL_KEYS = ("username", "password_env", "password_file", "token_env", "token_file")
+
+
+def _check_stow_url(d: DestinationConfig, where: str) -> None:
+    """A DICOMweb root that parses, and no credentials sent in clear over the network.
+
+    The URL's value is never echoed: it may carry a password.
+    """
+    if any(c.isspace() or not c.isprintable() for c in d.url):
+        # urlsplit silently drops tabs and newlines: what it parsed is not what is sent.
+        raise ConfigError(f"{where}.url: contains spaces or control characters")
+    try:
+        url = urllib.parse.urlsplit(d.url)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.url: not a valid URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{where}.url: a stow destination needs an http(s) DICOMweb URL "
+                          "with a host, e.g. https://pacs.example.org/dicom-web")
+    if not _port_ok(url):
+        raise ConfigError(f"{where}.url: the port must be a number in 1..65535")
+    if url.username is not None or url.password is not None:
+        raise ConfigError(f"{where}.url: no user or password in the URL (it is not a secret "
+                          "store): use username with password_env or password_file")
+    sent = [key for key in _CREDENTIAL_KEYS if getattr(d, key)]
+    if (sent and url.scheme == "http" and not d.allow_insecure_credentials
+            and not _is_loopback(url.hostname)):
+        raise ConfigError(
+            f"{where}.url: {sent[0]} over plain http:// would cross the network in clear: use "
+            f"an https:// URL (or, on a network you trust, {where}.allow_insecure_credentials "
+            "= true)")
+
+
+def _port_ok(url: urllib.parse.SplitResult) -> bool:
+    """Whether the URL has no port, or one in 1..65535."""
+    try:
+        return url.port is None or url.port > 0  # .port raises beyond 65535 or for text
+    except ValueError:
+        return False
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (traffic to it never leaves it)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load(path: Path | str | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dicomnode.config import Config
 from dicomnode.deliver import make_destination
+from dicomnode.filemodes import make_node_private
 from dicomnode.jobs.runner import Runner
 from dicomnode.jobs.store import JobStore
 from dicomnode.pipeline import Pipeline
@@ -29,6 +30,9 @@ class Node:
     def __init__(self, config: Config, *, pipeline: Pipeline | None = None) -> None:
         self.config = config
         self.data_dir: Path = config.resolve(config.node.data_dir)
+        # Before anything is written: the umask makes every file the node (and SQLite)
+        # creates private, and an old install's looser data folder is tightened.
+        make_node_private(config)
         self.spool = Spool(self.data_dir / "spool")
         self.index = Index(self.data_dir / "index.sqlite")
         self.jobs = JobStore(self.data_dir / "jobs.sqlite")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode.errors import InputRejected
+from dicomnode.filemodes import private_file_mode
 from dicomnode.types import SeriesKey
 
 #: PS3.5 9.1: components of digits separated by dots. Leading zeros in a component break the
@@ -174,10 +175,12 @@ class Spool:
 
 def write_atomically(final: Path, parts: Sequence[Buffer]) -> None:
     """Write ``parts`` to a temporary sibling, fsync, rename it to ``final``, fsync the folder."""
-    # mkstemp creates the file with mode 0600: the spool holds patient data.
+    # mkstemp creates the file 0600 whatever the umask: the spool holds patient data. With
+    # node.file_group set, that group may read it too (see dicomnode.filemodes).
     fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), private_file_mode())
             for part in parts:
                 f.write(part)
             f.flush()

@@ -135,3 +135,55 @@ def test_missing_or_unreadable_tls_files_stop_start_up_naming_the_key(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"node\.tls_cert_file: no PEM certificate"):
         server_tls_context(not_pem)
+
+
+def stow(**keys: object) -> dict:
+    return {"destinations": [{"kind": "stow", "name": "pacs", **keys}]}
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (stow(url="https://pacs:99999/dicom-web"), "destinations[0].url: the port must be a number in 1..65535"),
+        (stow(url="https://pacs:0/dicom-web"), "destinations[0].url: the port must be"),
+        (stow(url="https://pacs:https/dicom-web"), "destinations[0].url: the port must be"),
+        (stow(url="https:///dicom-web"), "destinations[0].url: a stow destination needs an http(s)"),
+        (stow(url="https://[::1/dicom-web"), "destinations[0].url: not a valid URL"),
+        (stow(url="https://pa\ncs/dicom-web"), "destinations[0].url: contains spaces or control"),
+        (stow(url="https://node:s3cret@pacs/dicom-web"), "destinations[0].url: no user or password in the URL"),
+        (stow(url="http://pacs/dicom-web", username="node", password_env="PW"),
+         "destinations[0].url: username over plain http:// would cross the network in clear: use "
+         "an https:// URL (or, on a network you trust, destinations[0].allow_insecure_credentials"),
+        (stow(url="http://pacs.example.org/dicom-web", token_file="/run/secrets/token"),
+         "destinations[0].url: token_file over plain http://"),
+        ({"destinations": [{"kind": "folder", "allow_insecure_credentials": True}]},
+         "destinations[0].allow_insecure_credentials: only a stow destination uses it"),
+        ({"destinations": [{"kind": "cstore", "ae_title": "PACS", "host": "pacs", "port": 99999}]},
+         "destinations[0].port: must lie in 1..65535, got 99999"),
+        ({"destinations": [{"kind": "cstore", "ae_title": "PACS", "host": "pacs", "port": -104}]},
+         "destinations[0].port: must lie in 1..65535"),
+        ({"node": {"port": 99999}}, "node.port: must lie in 0..65535"),
+    ],
+)
+def test_bad_urls_ports_and_clear_text_credentials_are_refused(data, fragment):
+    with pytest.raises(ConfigError) as info:
+        from_mapping(data, environ={})
+    assert fragment in str(info.value)
+    assert "s3cret" not in str(info.value)  # a URL's password is never echoed
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"url": "https://pacs.example.org:8443/dicom-web", "username": "node", "password_env": "PW"},
+        {"url": "http://pacs.example.org/dicom-web"},  # no credentials: nothing to leak
+        {"url": "http://pacs/dicom-web", "token_env": "T", "allow_insecure_credentials": True},
+        # Loopback traffic never reaches the network (a local TLS front end, a test PACS).
+        {"url": "http://127.0.0.1:8042/dicom-web", "username": "node", "password_file": "/pw"},
+        {"url": "http://localhost/dicom-web", "token_env": "T"},
+        {"url": "http://[::1]:8042/dicom-web", "username": "node", "password_env": "PW"},
+    ],
+)
+def test_https_no_credentials_an_explicit_allowance_or_loopback_pass(keys):
+    (destination,) = from_mapping(stow(**keys), environ={}).destinations
+    assert destination.url == keys["url"]
