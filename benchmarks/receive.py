@@ -19,7 +19,7 @@ hits all receivers alike; the median of the rounds is printed with instances/s a
 
 Usage (from the project root)::
 
-    python3 benchmarks/receive.py [--rounds 3] [--max-pdu 0 16382]
+    python3 benchmarks/receive.py [--rounds 3] [--max-pdu 1048576 16384]
 """
 
 from __future__ import annotations
@@ -237,8 +237,8 @@ def main() -> None:
         "--max-pdu",
         type=int,
         nargs="+",
-        default=[0],
-        help="dicomnode maximum PDU sizes to compare (0 = unlimited)",
+        default=[1048576],
+        help="dicomnode maximum PDU sizes to compare (node.max_pdu, 4096..16777216)",
     )
     parser.add_argument(
         "--scratch",
@@ -258,7 +258,7 @@ def main() -> None:
             series["ibsi_sts_001 59x202x198"] = IBSI
         series["synthetic 134x512x512"] = make_synthetic_ct(scratch / "synthetic")
         receivers: dict[str, Receiver] = {
-            f"dicomnode pdu={p or 'unlimited'}": dicomnode_receiver(p) for p in args.max_pdu
+            f"dicomnode pdu={p}": dicomnode_receiver(p) for p in args.max_pdu
         }
         receivers["pynetdicom floor (no-op)"] = pynetdicom_floor_receiver
         if STORESCP.exists():

@@ -9,7 +9,9 @@ Durability: the bytes go to a temporary file in the destination folder, the file
 renamed over the final name (atomic on POSIX), and the folder is fsynced so the rename itself
 survives a power cut. Only then may the C-STORE be answered with Success, which tells the
 sender it may consider the instance delivered (PS3.4 Annex B). A reader never sees a
-partial file under a final name; a crash leaves at most a hidden ``.*.tmp`` file, which
+partial file under a final name; a crash leaves at most a hidden ``.*.tmp`` file, or a data
+set still arriving in ``<root>/.incoming/`` (:meth:`Spool.open_incoming`, :meth:`Spool.adopt`:
+the listener streams large data sets to disk instead of holding them in memory), which
 :meth:`Spool.remove_temporary_files` clears at start-up.
 
 Duplicates (the same SOP Instance UID received again):
@@ -37,9 +39,10 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from dicomnode.errors import InputRejected
-from dicomnode.filemodes import private_file_mode
+from dicomnode.filemodes import private_file_mode, private_folder_mode
 from dicomnode.types import SeriesKey
 
 #: PS3.5 9.1: components of digits separated by dots. Leading zeros in a component break the
@@ -47,6 +50,7 @@ from dicomnode.types import SeriesKey
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _UID_MAX_LENGTH = 64
 _TEMP_SUFFIX = ".tmp"
+_INCOMING = ".incoming"
 _READ_CHUNK = 1 << 20
 
 #: Bytes-like values the spool writes (``bytes``, ``bytearray``, ``memoryview``).
@@ -145,6 +149,42 @@ class Spool:
             write_atomically(final, parts)
         return Stored(final, Outcome.NEW if same is None else Outcome.REPLACED)
 
+    def open_incoming(self) -> tuple[BinaryIO, Path]:
+        """A new private file (0600) for a data set still arriving, and its path.
+
+        It lies on the spool's own file system, so :meth:`adopt` moves it into place by a
+        rename, whatever its size.
+        """
+        folder = self.root / _INCOMING
+        folder.mkdir(mode=private_folder_mode(), exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, suffix=".part")
+        os.fchmod(fd, private_file_mode())  # node.file_group's, once adopted into the spool
+        return os.fdopen(fd, "wb", buffering=_READ_CHUNK), Path(name)
+
+    def adopt(self, key: SeriesKey, sop_instance_uid: str, incoming: Path) -> Stored:
+        """Move a complete Part 10 file from :meth:`open_incoming` into the spool durably.
+
+        As :meth:`write` (same outcomes and errors) for content that is already in a file;
+        ``incoming`` is gone afterwards unless an error is raised.
+        """
+        final = self.path_for(key, sop_instance_uid)
+        self._ensure_durable_dir(final.parent)
+        same = _same_content(final, incoming)
+        if same:
+            incoming.unlink()
+            return Stored(final, Outcome.DUPLICATE)
+        _fsync_file(incoming)
+        try:
+            os.replace(incoming, final)
+        except FileNotFoundError:
+            if not incoming.exists():
+                raise
+            self._durable_dirs -= {final.parent, final.parent.parent}
+            self._ensure_durable_dir(final.parent)
+            os.replace(incoming, final)
+        _fsync_dir(final.parent)
+        return Stored(final, Outcome.NEW if same is None else Outcome.REPLACED)
+
     def remove_temporary_files(self) -> int:
         """Delete temporary files left by a crash mid-write; returns how many were removed.
 
@@ -152,7 +192,7 @@ class Spool:
         progress.
         """
         removed = 0
-        for tmp in self.root.glob(f"*/*/.*{_TEMP_SUFFIX}"):
+        for tmp in (*self.root.glob(f"*/*/.*{_TEMP_SUFFIX}"), *(self.root / _INCOMING).glob("*")):
             tmp.unlink(missing_ok=True)
             removed += 1
         return removed
@@ -208,6 +248,31 @@ def _has_content(path: Path, parts: Sequence[Buffer]) -> bool | None:
                 if f.read(len(expected)) != expected:
                     return False
     return True
+
+
+def _same_content(path: Path, other: Path) -> bool | None:
+    """``None`` if ``path`` does not exist, else whether it holds what ``other`` holds."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return None
+    with f, other.open("rb") as g:
+        if os.fstat(f.fileno()).st_size != os.fstat(g.fileno()).st_size:
+            return False
+        while True:
+            chunk = f.read(_READ_CHUNK)
+            if chunk != g.read(_READ_CHUNK):
+                return False
+            if not chunk:
+                return True
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -238,17 +238,23 @@ def test_sop_class_that_does_not_match_the_context_is_refused(
     assert list(node.spool.root.rglob("*.dcm")) == []
 
 
+# The disk fills while the data set arrives (the incoming file), or when it is moved into place.
+@pytest.mark.parametrize("failing", ["open_incoming", "adopt"])
 def test_disk_error_answers_out_of_resources_and_indexes_nothing(
-    node: Node, ibsi_ct: list[Path], monkeypatch: pytest.MonkeyPatch
+    start_node: Callable[..., Node], ibsi_ct: list[Path], monkeypatch: pytest.MonkeyPatch,
+    failing: str,
 ) -> None:
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Spool, "write", disk_full)
+    monkeypatch.setattr(Spool, failing, disk_full)
+    node = start_node()
     statuses = send_raw(node.port, *ibsi_ct[:2], monkeypatch=monkeypatch)
     assert [s.Status for s in statuses] == [0xA700, 0xA700]
     assert "No space left on device" in statuses[0].ErrorComment
     assert node.index.pending_series() == []
+    assert list(node.spool.root.rglob("*.dcm")) == []
+    assert list(node.spool.root.rglob("*.part")) == []
 
 
 def test_below_the_free_space_watermark_stores_are_refused_until_space_is_freed(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -181,6 +182,34 @@ def test_a_peer_that_connects_and_stalls_does_not_hold_up_others(
             env=DCMTK_ENV, capture_output=True, text=True, timeout=20,
         )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_trusted_peers_that_stall_after_the_handshake_are_closed_and_others_served(
+    start_tls_node: Callable[..., Node], pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ten TLS connections with a trusted client certificate, each sending the first 6 bytes
+    # of an A-ASSOCIATE-RQ: before the connection guard they locked every sender out.
+    node = start_tls_node(association_request_seconds=2)
+    context = _client_context(pki, ssl.TLSVersion.TLSv1_3)
+    stalled = []
+    for _ in range(10):
+        tls = context.wrap_socket(socket.create_connection(("127.0.0.1", node.port)),
+                                  server_hostname="localhost")
+        tls.sendall(struct.pack(">BBL", 0x01, 0, 200))
+        stalled.append(tls)
+    caplog.set_level(logging.WARNING, logger="dicomnode.receive")
+    try:
+        done = subprocess.run(
+            [str(ECHOSCU), "-aec", AE_TITLE, *client(pki), "127.0.0.1", str(node.port)],
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=20,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        stalled[-1].settimeout(10)
+        assert stalled[-1].recv(1) == b""  # closed by the node at its deadline
+    finally:
+        for tls in stalled:
+            tls.close()
+    assert any("node.association_request_seconds" in r.getMessage() for r in caplog.records)
 
 
 # -- TLS versions, with Python's ssl and pynetdicom ----------------------------------------------

@@ -15,7 +15,7 @@ PURE = [
     "analyse/predict.py", "analyse/supplied.py", "masks.py",
     "report/seg.py", "report/sr.py", "report/template.py", "report/charset.py",
     "report/keyslice.py", "report/palette.py", "report/equipment.py", "report/findings.py",
-    "report/keyimages.py", "report/pdf.py", "jobs/machine.py",
+    "report/keyimages.py", "report/pdf.py", "jobs/machine.py", "receive/header.py",
 ]
 EDGE_IMPORTS = {"socket", "sqlite3", "subprocess", "pynetdicom", "requests", "dicomweb_client",
                 "http", "urllib", "dicomnode.receive", "dicomnode.spool", "dicomnode.deliver",
