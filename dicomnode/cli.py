@@ -80,6 +80,19 @@ class EscapingFormatter(logging.Formatter):
             record.message = message  # other handlers format the record too
 
 
+class DecoderAttemptsAtDebug(logging.Filter):
+    """pydicom logs, with a traceback at ERROR, each decoder plugin that fails on a frame
+    before it raises one error naming them all; that error becomes the job's reason. The
+    attempts are kept as one DEBUG line each, shown only with ``--log-level DEBUG``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is None:
+            return True
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def _setup_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
@@ -87,6 +100,7 @@ def _setup_logging(level: str) -> None:
     # pyradiomics, pynetdicom and highdicom are chatty at INFO; their warnings still show.
     for name in ("radiomics", "pynetdicom", "highdicom"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("pydicom.pixels.decoders.base").addFilter(DecoderAttemptsAtDebug())
     # Over-long or malformed values in received CT would otherwise be reported once per
     # element per slice; they are dealt with where they matter (assembly, report).
     import pydicom.config
