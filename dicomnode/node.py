@@ -17,7 +17,7 @@ from dicomnode.filemodes import make_node_private
 from dicomnode.jobs.runner import Runner
 from dicomnode.jobs.store import JobStore
 from dicomnode.pipeline import Pipeline
-from dicomnode.receive import start_listener
+from dicomnode.receive import routable_sop_classes, start_listener
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
 
@@ -56,6 +56,9 @@ class Node:
         removed = self.spool.remove_temporary_files()
         if removed:
             log.warning("removed %d unacknowledged partial file(s) left by a crash", removed)
+        # Spooled files without an index row (answered Out of Resources when the index could
+        # not be written): indexed now, so that their series complete.
+        self.index.index_orphans(self.spool.root, routable_sop_classes(self.config))
         self._server = start_listener(self.config, self.spool, self.index)
         log.info(
             "listening as %s on %s:%d; data in %s",

@@ -8,7 +8,6 @@ idempotent.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,14 +16,8 @@ from pydicom.uid import UID
 
 from dicomnode.config import DestinationConfig, home
 from dicomnode.deliver.base import from_outcomes, part10, sop_instance_uid
-from dicomnode.results import atomic_write
+from dicomnode.results import atomic_write, waiting_can_fix
 from dicomnode.types import DeliveryResult, InstanceOutcome
-
-#: Write errors that waiting cannot fix; anything else (disk full, I/O error, a network mount
-#: gone away) may succeed later.
-_PERMANENT_ERRNOS = frozenset(
-    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
-)
 
 
 class FolderDestination:
@@ -63,5 +56,5 @@ class FolderDestination:
             atomic_write(path, data)
         except OSError as exc:
             reason = f"cannot write {path}: {exc.strerror or exc}"
-            return InstanceOutcome(uid, ok=False, reason=reason), exc.errno not in _PERMANENT_ERRNOS
+            return InstanceOutcome(uid, ok=False, reason=reason), waiting_can_fix(exc)
         return InstanceOutcome(uid, ok=True), False

@@ -6,13 +6,20 @@ a job can only move along an edge listed here, and every move is journalled with
 ::
 
     PENDING --start--> RUNNING --reported--> DELIVERING --delivered--> DELIVERED
-                          |                     |  \\--temporary failure--> RETRY_WAIT --due--> DELIVERING
-                          |                     \\--permanent failure--> FAILED
-                          \\--refused / error--> FAILED --retry (by a person)--> PENDING
+      ^  ^                |  |  |                 |  |
+      |  |                |  |  |                 |  \\--temporary failure--> RETRY_WAIT --due--> DELIVERING
+      |  |                |  |  |                 \\--permanent failure--> FAILED
+      |  |                |  |  \\--temporary failure (disk full)--> RETRY_WAIT --rerun--> PENDING
+      |  |                |  \\--refused / error / interrupted too often--> FAILED
+      |  \\--resume--------/      (a crash or a failed step interrupted the analysis)
+      \\--retry (by a person)-- FAILED, RETRY_WAIT
 
 A job found RUNNING or DELIVERING at start-up was interrupted by a crash: ``resume`` puts it
 back where its durable state allows (the analysis reruns; a delivery repeats with the same
-UIDs, which the destination treats as the same instances).
+UIDs, which the destination treats as the same instances). The runner counts every start of
+an analysis, so a series that crashes the node is failed after ``[jobs] max_attempts`` starts
+instead of being resumed for ever. A job waiting after a temporary failure is ``due`` again
+for delivery when its results are saved, and ``rerun`` (analysed again) when they are not.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class JobEvent(str, enum.Enum):
     PERMANENT_FAILURE = "permanent_failure"
     DUE = "due"
     RESUME = "resume"
+    RERUN = "rerun"
     RETRY = "retry"
 
 
@@ -45,6 +53,7 @@ TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     (JobState.PENDING, JobEvent.START): JobState.RUNNING,
     (JobState.PENDING, JobEvent.PERMANENT_FAILURE): JobState.FAILED,
     (JobState.RUNNING, JobEvent.REPORTED): JobState.DELIVERING,
+    (JobState.RUNNING, JobEvent.TEMPORARY_FAILURE): JobState.RETRY_WAIT,
     (JobState.RUNNING, JobEvent.PERMANENT_FAILURE): JobState.FAILED,
     (JobState.RUNNING, JobEvent.RESUME): JobState.PENDING,
     (JobState.DELIVERING, JobEvent.DELIVERED): JobState.DELIVERED,
@@ -52,6 +61,8 @@ TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     (JobState.DELIVERING, JobEvent.PERMANENT_FAILURE): JobState.FAILED,
     (JobState.DELIVERING, JobEvent.RESUME): JobState.DELIVERING,
     (JobState.RETRY_WAIT, JobEvent.DUE): JobState.DELIVERING,
+    (JobState.RETRY_WAIT, JobEvent.RERUN): JobState.PENDING,
+    (JobState.RETRY_WAIT, JobEvent.RETRY): JobState.PENDING,
     (JobState.FAILED, JobEvent.RETRY): JobState.PENDING,
 }
 

@@ -9,6 +9,20 @@ One loop, two duties, each a small method a test can call with its own clock:
 
 Every failure becomes a job state with a reason, never a silent drop; the spooled inputs are
 never deleted by the runner, so a failed job can be retried by a person (``dicomnode retry``).
+
+Faults of the node's own storage end in a state an operator can act on:
+
+- a file that cannot be read or written (disk full, I/O error) while reading the inputs or
+  saving the results moves the job to RETRY_WAIT with the reason and the delivery backoff
+  (FAILED when waiting cannot help, or once the analysis was started ``[jobs] max_attempts``
+  times); a partly saved result is removed, so the next attempt starts clean;
+- a series larger than ``[jobs] max_voxels`` fails before its pixel data is read;
+- a step that fails half-way because the job database cannot be written leaves its job
+  RUNNING or DELIVERING; the next turn of the loop treats it as a crash would be treated at
+  start-up (:meth:`Runner.recover`), so no job stays there;
+- every start of an analysis is counted in the job database before it runs, so a series that
+  crashes the node (out of memory, say) fails after ``[jobs] max_attempts`` starts instead of
+  being resumed on every restart.
 """
 
 from __future__ import annotations
@@ -28,9 +42,16 @@ from dicomnode.deliver import Destination
 from dicomnode.errors import DicomNodeError, InputRejected
 from dicomnode.jobs.machine import Backoff, JobEvent, JobState
 from dicomnode.jobs.store import Job, JobStore
-from dicomnode.pipeline import Pipeline
+from dicomnode.pipeline import Outcome, Pipeline
 from dicomnode.report import summary_json
-from dicomnode.results import load_datasets, save
+from dicomnode.results import (
+    discard,
+    is_complete,
+    load_datasets,
+    remove_temporary_files,
+    save,
+    waiting_can_fix,
+)
 from dicomnode.series.completion import SeriesState, Verdict, evaluate
 from dicomnode.spool.index import Index
 from dicomnode.types import DeliveryResult, SeriesKey
@@ -38,6 +59,21 @@ from dicomnode.types import DeliveryResult, SeriesKey
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+
+class StorageFailure(DicomNodeError):
+    """A file of the node's own could not be read or written (disk full, I/O error), or is
+    gone; ``retryable`` when waiting may help."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+    @classmethod
+    def of(cls, what: str, exc: OSError) -> "StorageFailure":
+        """``what`` failed with ``exc``: retryable as :func:`dicomnode.results.waiting_can_fix`
+        says."""
+        return cls(f"{what}: {exc.strerror or exc}", retryable=waiting_can_fix(exc))
 
 
 class Runner:
@@ -61,6 +97,8 @@ class Runner:
         self.pipeline = pipeline
         self.results_root = results_root
         self.clock = clock
+        #: Whether the next turn of the loop must first resume interrupted jobs.
+        self._recovery_due = True
         #: Spooled segmentation file -> the series it references (read once per file).
         self._referenced: dict[Path, frozenset[str]] = {}
         d = config.delivery
@@ -74,13 +112,33 @@ class Runner:
     def result_folder(self, job: Job) -> Path:
         return self.results_root / job.id
 
-    # -- start-up
+    # -- start-up, and after a step that failed half-way
+    def recover(self) -> None:
+        """Resume what was interrupted: at start-up (a crash) or after a loop error (a step
+        that could not record its outcome). Nothing is being worked on when it is called."""
+        removed = remove_temporary_files(self.results_root)
+        if removed:
+            log.warning("removed %d partial result file(s) left by an interrupted save", removed)
+        self.resume_interrupted()
+        self.deliver_interrupted()
+
     def resume_interrupted(self) -> list[Job]:
-        """Put jobs that a crash left RUNNING back to PENDING (deliveries simply repeat)."""
+        """Put jobs whose analysis was interrupted back to PENDING, or fail those whose
+        analysis was started ``[jobs] max_attempts`` times already."""
+        limit = self.config.jobs.max_attempts
         resumed = []
         for job in self.jobs.all((JobState.RUNNING,)):
-            resumed.append(self._move(job, JobEvent.RESUME, "resumed after restart"))
-            log.warning("job %s was interrupted while running; it will run again", job.id)
+            if job.analysis_starts >= limit:
+                reason = (f"analysis started {job.analysis_starts} times (jobs.max_attempts = "
+                          f"{limit}), the last one interrupted: the node crashed or was killed "
+                          "while analysing it; not retried: see the log; `dicomnode retry` "
+                          "runs it again")
+                log.error("job %s failed: %s", job.id, reason)
+                resumed.append(self._move(job, JobEvent.PERMANENT_FAILURE, reason))
+                continue
+            log.warning("job %s was interrupted while running (start %d of at most %d); "
+                        "it will run again", job.id, job.analysis_starts, limit)
+            resumed.append(self._move(job, JobEvent.RESUME, "resumed after an interruption"))
         return resumed
 
     # -- duty 1: completion
@@ -122,7 +180,7 @@ class Runner:
             return None
         inputs = [*paths, *(p for s in supplied for p in self.index.instance_paths(s.key))]
         warnings = (verdict.warning,) if verdict.warning else ()
-        job = self.jobs.create(state.key, inputs, warnings=warnings, now=now)
+        job = self._job_for(state, inputs, warnings, now)
         self.index.mark_taken(state.key, len(paths))
         for s in supplied:
             self.index.mark_taken(s.key, s.instance_count)
@@ -148,12 +206,22 @@ class Runner:
             log.info("series %s is a SEG this node wrote, back from the PACS: not measured",
                      state.key.series_uid)
             return None
-        job = self.jobs.create(state.key, [*self.index.instance_paths(cts[0].key), *paths],
-                               now=now)
+        job = self._job_for(state, [*self.index.instance_paths(cts[0].key), *paths], (), now)
         self.index.mark_taken(state.key, len(paths))
         log.info("job %s: supplied segmentation series %s for CT series %s", job.id,
                  state.key.series_uid, cts[0].key.series_uid)
         return job
+
+    def _job_for(self, state: SeriesState, inputs: list[Path], warnings: tuple[str, ...],
+                 now: float) -> Job:
+        """A new job for this snapshot of the series, or the one made for it already when
+        marking the series taken failed afterwards (the index could not be written): a job
+        created after the series' last arrival, with the same inputs, covers it."""
+        latest = self.jobs.latest(state.key)
+        if (latest is not None and latest.created_at >= state.last_arrival
+                and set(latest.inputs) == set(inputs)):
+            return latest
+        return self.jobs.create(state.key, inputs, warnings=warnings, now=now)
 
     def _is_segmentation(self, key: SeriesKey) -> bool:
         modalities = self.index.series_modalities(key)
@@ -188,10 +256,10 @@ class Runner:
         job = self.jobs.next_runnable(self.clock())
         if job is None:
             return None
+        if job.state is JobState.RETRY_WAIT:
+            job = self._due(job)
         if job.state is JobState.PENDING:
             job = self._analyse(job)
-        elif job.state is JobState.RETRY_WAIT:
-            job = self._move(job, JobEvent.DUE, "retrying delivery")
         if job.state is JobState.DELIVERING:
             job = self._deliver(job)
         return job
@@ -200,21 +268,20 @@ class Runner:
         """Repeat deliveries that a crash interrupted (same files, same UIDs)."""
         return [self._deliver(job) for job in self.jobs.all((JobState.DELIVERING,))]
 
+    def _due(self, job: Job) -> Job:
+        """A waiting job whose time has come: its delivery is tried again when its results
+        are saved, else its analysis runs again."""
+        if is_complete(self.result_folder(job)):
+            return self._move(job, JobEvent.DUE, "retrying delivery")
+        return self._move(job, JobEvent.RERUN, "retrying the analysis")
+
     def _analyse(self, job: Job) -> Job:
-        job = self._move(job, JobEvent.START, "analysing")
+        job = self._move(job, JobEvent.START, "analysing")  # counts the start, durably
         try:
-            datasets = read_inputs(job.inputs)
-            ct = [ds for ds in datasets if not is_segmentation(ds)]
-            supplied = len(ct) < len(datasets)
-            outcome = self.pipeline.run(
-                datasets,
-                uid_seed=job.id,
-                # A supplied segmentation's job is keyed by its own series; the CT is analysed.
-                key=_series_key(ct[0]) if supplied and ct else job.key,
-                allow_gaps=bool(job.warnings),
-                progress=lambda stage: log.info("job %s: %s", job.id, stage),
-                predecessors=self._earlier_reports(job, ct) if supplied else (),
-            )
+            outcome = self._run_pipeline(job)
+            self._save(job, outcome)
+        except StorageFailure as exc:
+            return self._storage_failed(job, exc)
         except DicomNodeError as exc:
             log.error("job %s failed: %s", job.id, exc)
             return self._move(job, JobEvent.PERMANENT_FAILURE, str(exc))
@@ -223,12 +290,63 @@ class Runner:
             return self._move(
                 job, JobEvent.PERMANENT_FAILURE, f"internal error: {type(exc).__name__}: {exc}"
             )
-        save(self.result_folder(job), outcome.reports, summary_json(outcome.analysis, outcome.reports))
         lesions = len(outcome.analysis.segmentation.lesions)
         return self._move(
             job, JobEvent.REPORTED, f"{lesions} lesion(s) reported",
             warnings=tuple(outcome.analysis.warnings) or job.warnings,
         )
+
+    def _run_pipeline(self, job: Job) -> Outcome:
+        """Check the size of the job's series from its headers, then read and analyse it."""
+        check_volume_size(read_headers(job.inputs), self.config.jobs.max_voxels)
+        datasets = read_inputs(job.inputs)
+        ct = [ds for ds in datasets if not is_segmentation(ds)]
+        supplied = len(ct) < len(datasets)
+        return self.pipeline.run(
+            datasets,
+            uid_seed=job.id,
+            # A supplied segmentation's job is keyed by its own series; the CT is analysed.
+            key=_series_key(ct[0]) if supplied and ct else job.key,
+            allow_gaps=bool(job.warnings),
+            progress=lambda stage: log.info("job %s: %s", job.id, stage),
+            predecessors=self._earlier_reports(job, ct) if supplied else (),
+        )
+
+    def _save(self, job: Job, outcome: Outcome) -> None:
+        """Write the job's results into a clean folder (an interrupted earlier attempt may
+        have left part of its own); on failure nothing of them is left."""
+        folder = self.result_folder(job)
+        try:
+            discard(folder)
+            save(folder, outcome.reports, summary_json(outcome.analysis, outcome.reports))
+        except OSError as exc:
+            self._discard_quietly(folder)
+            raise StorageFailure.of("cannot save results", exc) from exc
+
+    def _discard_quietly(self, folder: Path) -> None:
+        """Remove a partly saved result; a folder that cannot be removed either is only
+        logged, since the next save removes it first and fails with the reason if it still
+        cannot."""
+        try:
+            discard(folder)
+        except OSError as exc:
+            log.warning("cannot remove the partial result %s: %s", folder, exc.strerror or exc)
+
+    def _storage_failed(self, job: Job, failure: StorageFailure) -> Job:
+        """RETRY_WAIT with the backoff while waiting can help and the analysis may start
+        again (``jobs.max_attempts``); FAILED otherwise, with the reason."""
+        limit = self.config.jobs.max_attempts
+        if failure.retryable and job.analysis_starts < limit:
+            delay = self.backoff.delay(job.analysis_starts)
+            log.warning("job %s: %s; the analysis runs again in %.0f s", job.id, failure, delay)
+            return self._move(job, JobEvent.TEMPORARY_FAILURE, str(failure),
+                              next_attempt_at=self.clock() + delay)
+        reason = str(failure)
+        if failure.retryable:
+            reason += (f" (analysis started {job.analysis_starts} times, jobs.max_attempts = "
+                       f"{limit}); `dicomnode retry` runs it again")
+        log.error("job %s failed: %s", job.id, reason)
+        return self._move(job, JobEvent.PERMANENT_FAILURE, reason)
 
     def _earlier_reports(self, job: Job, ct: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
         """The newest SR this node delivered for the same CT series before ``job``: a
@@ -246,18 +364,53 @@ class Runner:
             return []
         newest = max(earlier, key=lambda other: other.created_at)
         log.info("job %s replaces the report of job %s", job.id, newest.id)
-        return [pydicom.dcmread(self.result_folder(newest) / "sr.dcm")]
+        try:
+            return [pydicom.dcmread(self.result_folder(newest) / "sr.dcm")]
+        except OSError as exc:
+            raise StorageFailure.of(f"cannot read the report of job {newest.id}", exc) from exc
 
     def _deliver(self, job: Job) -> Job:
-        datasets = load_datasets(self.result_folder(job))
-        results = [d.send(datasets) for d in self.destinations]
+        try:
+            datasets = self._saved_results(job)
+        except StorageFailure as exc:
+            return self._delivery_failed(job, str(exc), retryable=exc.retryable)
+        results = [self._send(d, datasets) for d in self.destinations]
         failed = [r for r in results if not r.ok]
         if not failed:
             names = ", ".join(r.destination for r in results)
             log.info("job %s delivered to %s", job.id, names)
             return self._move(job, JobEvent.DELIVERED, f"delivered to {names}")
         reason = "; ".join(_describe(r) for r in failed)
-        if all(r.retryable for r in failed):
+        return self._delivery_failed(job, reason, retryable=all(r.retryable for r in failed))
+
+    def _saved_results(self, job: Job) -> list[pydicom.Dataset]:
+        """The job's saved report objects; raises :class:`StorageFailure` when they cannot be
+        read, and a permanent one when they are gone (a retry analyses the series again)."""
+        folder = self.result_folder(job)
+        try:
+            datasets = load_datasets(folder) if is_complete(folder) else []
+        except OSError as exc:
+            raise StorageFailure.of("cannot read the saved results", exc) from exc
+        if not datasets:
+            raise StorageFailure(f"the saved results are missing from {folder}; "
+                                 "`dicomnode retry` analyses the series again", retryable=False)
+        return datasets
+
+    @staticmethod
+    def _send(destination: Destination, datasets: Sequence[pydicom.Dataset]) -> DeliveryResult:
+        """One delivery attempt. A destination answers every failure with a result; one that
+        raises has a bug, which fails this job for good instead of the loop repeating it."""
+        try:
+            return destination.send(datasets)
+        except Exception as exc:
+            log.exception("destination %s raised instead of answering", destination.name)
+            return DeliveryResult(destination.name,
+                                  error=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _delivery_failed(self, job: Job, reason: str, *, retryable: bool) -> Job:
+        """RETRY_WAIT with the backoff for a failure that waiting can fix, until the backoff
+        gives up; FAILED otherwise."""
+        if retryable:
             now = self.clock()
             first = job.first_failure_at if job.first_failure_at is not None else now
             if not self.backoff.exhausted(first, now):
@@ -276,38 +429,89 @@ class Runner:
         return self.jobs.transition(job.id, event, reason, now=self.clock(), **changes)
 
     # -- the loop
+    def step(self) -> Job | None:
+        """One turn of the loop: recover what is interrupted (at the first turn, and after a
+        turn that failed), take complete series, advance one job. Returns the job worked on,
+        ``None`` when there was nothing to do or the turn failed; never raises."""
+        try:
+            if self._recovery_due:
+                self.recover()
+                self._recovery_due = False
+            self.take_complete_series()
+            return self.work_once()
+        except Exception:  # keep the node alive; the error is logged with its traceback
+            log.exception("runner loop error; what it interrupted is resumed at the next turn")
+            self._recovery_due = True
+            return None
+
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.5) -> None:
-        self.resume_interrupted()
-        self.deliver_interrupted()
         while not stop.is_set():
-            try:
-                self.take_complete_series()
-                worked = self.work_once()
-            except Exception:  # keep the node alive; the error is logged with its traceback
-                log.exception("runner loop error")
-                worked = None
-            if worked is None:
+            if self.step() is None:
                 stop.wait(poll_seconds)
 
 
+def read_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:
+    """The headers (everything before the pixel data) of a job's spooled instances; errors
+    as :func:`read_inputs`."""
+    return [_read_spooled(path, stop_before_pixels=True) for path in paths]
+
+
 def read_inputs(paths: Sequence[Path]) -> list[pydicom.Dataset]:
-    """The spooled instances of a job; a missing or unreadable file fails the job, named.
+    """The spooled instances of a job, whole.
+
+    Raises
+    ------
+    InputRejected
+        A file is missing or is not readable DICOM; the message names it.
+    StorageFailure
+        A file could not be read for another reason (an I/O error).
+    """
+    return [_read_spooled(path) for path in paths]
+
+
+def _read_spooled(path: Path, *, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """One spooled instance, every value converted.
 
     pydicom raises many exception types on malformed data (an unknown VR raises
     NotImplementedError, for one); each is a fact about the input, not a bug of the node.
     """
-    datasets = []
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path)
-            for _ in ds.iterall():  # pydicom converts values lazily: meet bad ones here, named
-                pass
-            datasets.append(ds)
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            raise InputRejected(
-                f"spooled instance {path.name} cannot be read: {type(exc).__name__}: {exc}"
-            ) from None
-    return datasets
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        for _ in ds.iterall():  # pydicom converts values lazily: meet bad ones here, named
+            pass
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            # A fault of the disk, not of the input: it may read another time.
+            raise StorageFailure.of(f"cannot read spooled instance {path.name}", exc) from exc
+        raise InputRejected(
+            f"spooled instance {path.name} cannot be read: {type(exc).__name__}: {exc}"
+        ) from None
+    return ds
+
+
+def check_volume_size(headers: Sequence[pydicom.Dataset], max_voxels: int) -> None:
+    """Refuse a job whose images hold more than ``max_voxels`` voxels (``[jobs] max_voxels``)
+    before their pixel data is read: rows x columns x frames, summed over the images.
+
+    Raises
+    ------
+    InputRejected
+        Too many voxels, or a size element that is not a number; the message says which.
+    """
+    images = [ds for ds in headers if not is_segmentation(ds)]
+    try:
+        sizes = [(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0),
+                  int(ds.get("NumberOfFrames") or 1)) for ds in images]
+    except (TypeError, ValueError) as exc:
+        raise InputRejected(f"Rows, Columns or NumberOfFrames is not a number: {exc}") from None
+    voxels = sum(rows * cols * frames for rows, cols, frames in sizes)
+    if voxels > max_voxels:
+        slices = sum(frames for _, _, frames in sizes)
+        rows, cols = max(r for r, _, _ in sizes), max(c for _, c, _ in sizes)
+        raise InputRejected(
+            f"series too large: {voxels:,} voxels ({slices} slices of up to {rows} x {cols}), "
+            f"more than jobs.max_voxels = {max_voxels:,}; not analysed"
+        )
 
 
 def _series_key(ds: pydicom.Dataset) -> SeriesKey:

@@ -1,8 +1,13 @@
 """Jobs and their transition journal in SQLite (EDGE).
 
 One row per job holds its current state, the reason of its last transition, its inputs (the
-spooled instance paths of the series snapshot it was created from) and its retry bookkeeping.
+spooled instance paths of the series snapshot it was created from) and its retry bookkeeping:
+``attempts`` and ``first_failure_at`` count failed deliveries (the backoff), and
+``analysis_starts`` counts the starts of its analysis, persisted by the very transition that
+starts it, so that a start a crash cut short is counted too. A person's ``retry`` resets it.
 Every transition also appends a journal row: the audit trail that ``dicomnode jobs`` shows.
+
+A database written by an older version gains the newer columns when it is opened.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     inputs TEXT NOT NULL,
     warnings TEXT NOT NULL DEFAULT '[]',
     attempts INTEGER NOT NULL DEFAULT 0,
+    analysis_starts INTEGER NOT NULL DEFAULT 0,
     first_failure_at REAL,
     next_attempt_at REAL,
     created_at REAL NOT NULL,
@@ -42,6 +48,11 @@ CREATE TABLE IF NOT EXISTS journal (
     reason TEXT NOT NULL DEFAULT ''
 );
 """
+
+#: Columns added since the first schema, as ``ALTER TABLE jobs ADD COLUMN`` clauses.
+_ADDED_COLUMNS = {
+    "analysis_starts": "analysis_starts INTEGER NOT NULL DEFAULT 0",
+}
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class Job:
     next_attempt_at: float | None
     created_at: float
     updated_at: float
+    analysis_starts: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,15 @@ class JobStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        self._add_missing_columns()
         self._lock = threading.Lock()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database written by an older version up to the current schema."""
+        present = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -131,6 +151,18 @@ class JobStore:
             rows = cur.fetchall()
         return [_job_from_row(dict(zip(cols, r))) for r in rows]
 
+    def latest(self, key: SeriesKey) -> Job | None:
+        """The newest job of a series, or ``None`` when it has none."""
+        with self._lock:
+            cur = self._conn.execute(
+                "SELECT * FROM jobs WHERE study_uid = ? AND series_uid = ?"
+                " ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                (key.study_uid, key.series_uid),
+            )
+            cols = [d[0] for d in cur.description]
+            row = cur.fetchone()
+        return None if row is None else _job_from_row(dict(zip(cols, row)))
+
     def next_runnable(self, now: float | None = None) -> Job | None:
         """The oldest job that can be worked on now: pending, or waiting and due."""
         now = time.time() if now is None else now
@@ -155,7 +187,18 @@ class JobStore:
         count_failure: bool = False,
         warnings: tuple[str, ...] | None = None,
     ) -> Job:
-        """Move a job along one edge of the table and journal it, atomically."""
+        """Move a job along one edge of the table and journal it, atomically.
+
+        ``START`` counts one more analysis start; ``RETRY`` (a person's) clears the time of
+        the first failure and the count of analysis starts.
+
+        Raises
+        ------
+        IllegalTransition
+            The table has no such edge from the job's state; nothing changes.
+        sqlite3.Error
+            The database could not be written (disk full, I/O error); nothing changes.
+        """
         now = time.time() if now is None else now
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -175,14 +218,18 @@ class JobStore:
                 self._conn.execute(
                     "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, next_attempt_at = ?,"
                     " first_failure_at = ?, attempts = attempts + ?,"
+                    " analysis_starts = CASE WHEN ? THEN 0 ELSE analysis_starts + ? END,"
                     " warnings = COALESCE(?, warnings) WHERE id = ?",
                     (target.value, reason, now, next_attempt_at, first_failure, int(count_failure),
+                     event is JobEvent.RETRY, int(event is JobEvent.START),
                      None if warnings is None else json.dumps(list(warnings)), job_id),
                 )
                 self._journal(job_id, current, target, reason, now)
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # A COMMIT that failed for want of space may have rolled back already.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
         return self.get(job_id)
 
@@ -214,4 +261,5 @@ def _job_from_row(row: dict) -> Job:
         next_attempt_at=row["next_attempt_at"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        analysis_starts=row["analysis_starts"],
     )

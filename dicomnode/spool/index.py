@@ -17,6 +17,11 @@ with ``NORMAL`` here, while the file and its folder take about 3 ms), and each i
 transaction of three short statements (look up, upsert the instance, upsert its series
 counters), not one statement per column.
 
+Reconciliation: a file can lie in the spool without its row, when the C-STORE was answered
+Out of Resources because the index could not be written after the file was (the sender sends
+it again, or does not). :meth:`Index.index_orphans` indexes such files at start-up from their
+headers, as if just received, so that their series completes.
+
 Thread safety: one connection guarded by a lock. Writes are serialised by SQLite anyway, and a
 per-thread connection would mean one new connection per association thread (pynetdicom runs
 each association in its own thread).
@@ -24,15 +29,22 @@ each association in its own thread).
 
 from __future__ import annotations
 
+import logging
+import math
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
+
 from dicomnode.series.completion import SeriesState
 from dicomnode.types import SeriesKey
+
+log = logging.getLogger(__name__)
 
 #: Two orientations whose cosines differ by less than this count as one.
 ORIENTATION_TOLERANCE = 1e-4
@@ -301,6 +313,56 @@ class Index:
             ).fetchall()
         return [Path(path) for (path,) in rows]
 
+    def index_orphans(self, spool_root: Path, routable: Collection[str],
+                      now: float | None = None) -> int:
+        """Index the spooled files that the index does not know, as received at ``now``, and
+        log one warning with their number; returns it.
+
+        Call at start-up, before the listener opens: a file being received is not indexed
+        yet either. Hidden files (temporaries) are skipped, and so is a file whose SOP
+        Instance UID the index holds at another path (a copy that was replaced). A file whose
+        header cannot be read is left where it is and logged.
+
+        Parameters
+        ----------
+        spool_root
+            The spool's root folder (``<study>/<series>/<sop>.dcm`` under it).
+        routable
+            The SOP classes the node processes (as the listener indexes them).
+        """
+        now = time.time() if now is None else now
+        indexed = 0
+        for series_dir in sorted(spool_root.glob("*/*")):
+            if series_dir.parent.name.startswith(".") or not series_dir.is_dir():
+                continue
+            known = self._sop_uids(SeriesKey(series_dir.parent.name, series_dir.name))
+            for path in sorted(series_dir.glob("*.dcm")):
+                if path.name.startswith(".") or path.stem in known or self._knows(path.stem):
+                    continue
+                record = _orphan_record(path, routable, now)
+                if record is not None:
+                    self.record_instance(record)
+                    indexed += 1
+        if indexed:
+            log.warning("indexed %d spooled instance(s) that the index did not know (a store "
+                        "answered Out of Resources, or a crash); their series complete as if "
+                        "just received", indexed)
+        return indexed
+
+    def _sop_uids(self, key: SeriesKey) -> set[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid FROM instances WHERE study_uid = ? AND series_uid = ?",
+                (key.study_uid, key.series_uid),
+            ).fetchall()
+        return {uid for (uid,) in rows}
+
+    def _knows(self, sop_instance_uid: str) -> bool:
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone() is not None
+
     def _state(self, row: Sequence) -> SeriesState:
         """Build a :class:`SeriesState` from a series row and its instances (lock held)."""
         study, series, first, last, count, processed, routable, replaced = row
@@ -346,6 +408,65 @@ def _instance_row(record: InstanceRecord) -> dict[str, object]:
         "routable": int(record.routable),
         "replaced": int(record.replaced),
     }
+
+
+def _orphan_record(path: Path, routable: Collection[str], now: float) -> InstanceRecord | None:
+    """What the listener would have recorded for a spooled file, read from its header;
+    ``None`` (logged) when the header cannot be read."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sop_class = str(ds.get("SOPClassUID") or ds.file_meta.MediaStorageSOPClassUID)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        position, orientation = _geometry(ds, frames)
+        return InstanceRecord(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            key=SeriesKey(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)),
+            sop_class_uid=sop_class,
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            path=path,
+            received_at=now,
+            calling_ae="",
+            association_id="reconciled",
+            routable=sop_class in routable,
+            modality=str(ds.get("Modality", "")),
+            position_along_normal=position,
+            orientation=orientation,
+            instance_number=_optional_int(ds.get("InstanceNumber")),
+            rows=_optional_int(ds.get("Rows")),
+            cols=_optional_int(ds.get("Columns")),
+            frames=frames,
+        )
+    except Exception as exc:  # noqa: BLE001 - any unreadable header: the file is only reported
+        log.warning("spooled file %s is not indexed: its header cannot be read: %s: %s",
+                    path, type(exc).__name__, exc)
+        return None
+
+
+def _geometry(ds: pydicom.Dataset, frames: int) -> tuple[float | None, str | None]:
+    """ImagePositionPatient projected on the slice normal (PS3.3 C.7.6.2.1.1) and the six
+    orientation cosines as the index's text, as the listener computes them."""
+    try:
+        orientation = [float(c) for c in ds.get("ImageOrientationPatient") or ()]
+        position = [float(c) for c in ds.get("ImagePositionPatient") or ()]
+    except (TypeError, ValueError):  # unparsable geometry: unknown, as the listener has it
+        return None, None
+    text = ",".join(f"{c:.6f}" for c in orientation) if len(orientation) == 6 else None
+    if frames > 1 or text is None or len(position) != 3:
+        return None, text
+    row, col = orientation[:3], orientation[3:]
+    normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2],
+              row[0] * col[1] - row[1] * col[0])
+    length = math.sqrt(sum(n * n for n in normal))
+    if length < 1e-6:
+        return None, text
+    return sum(p * n for p, n in zip(position, normal)) / length, text
+
+
+def _optional_int(value: object) -> int | None:
+    try:
+        return None if value is None or value == "" else int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def _orientations_agree(orientations: set[str]) -> bool:

@@ -171,3 +171,77 @@ def test_durable_configuration_and_persistence(tmp_path: Path) -> None:
     assert reopened._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     assert reopened.series_state(KEY).instance_count == 1
     reopened.close()
+
+
+# -- start-up reconciliation: spooled files that the index does not know -----------------------
+
+
+def spool_study(root: Path, n_slices: int = 4) -> list[Path]:
+    """A phantom series in the spool's layout, ``<study>/<series>/<sop>.dcm``."""
+    from dicomnode.phantom import make_phantom_study
+
+    phantom = make_phantom_study(32011, shape=(n_slices, 16, 16), n_lesions=0)
+    paths = []
+    for ds in phantom.datasets:
+        path = root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def listener_record(path: Path, at: float) -> InstanceRecord:
+    """What the listener records for a spooled slice of :func:`spool_study` (axial)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return InstanceRecord(
+        sop_instance_uid=ds.SOPInstanceUID,
+        key=SeriesKey(ds.StudyInstanceUID, ds.SeriesInstanceUID),
+        sop_class_uid=CT, transfer_syntax=ds.file_meta.TransferSyntaxUID, path=path,
+        received_at=at, calling_ae="PACS", association_id="a1", routable=True, modality="CT",
+        position_along_normal=float(ds.ImagePositionPatient[2]), orientation=AXIAL,
+        instance_number=int(ds.InstanceNumber), rows=ds.Rows, cols=ds.Columns,
+    )
+
+
+def test_spooled_files_without_a_row_are_indexed_as_if_just_received(
+        index: Index, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "spool"
+    paths = spool_study(root)
+    index.record_instance(listener_record(paths[0], at=1000.0))  # acknowledged and indexed
+    (paths[0].parent / f".{paths[1].stem}.abc.tmp").write_bytes(b"partial")  # a temporary
+    assert index.index_orphans(root, (CT,), now=5000.0) == 3
+    assert "indexed 3 spooled instance(s)" in caplog.text
+    (state,) = index.pending_series()
+    assert state.instance_count == 4 and state.last_arrival == 5000.0  # quiet period from now
+    assert index.instance_paths(state.key) == paths  # ordered along the normal, as received
+    expected = [listener_record(p, 0.0) for p in paths]
+    assert state.positions == tuple(sorted(r.position_along_normal for r in expected))
+    with sqlite3.connect(index.db_path) as db:
+        rows = db.execute("SELECT sop_instance_uid, calling_ae, association_id, rows, cols, "
+                          "instance_number, orientation FROM instances "
+                          "WHERE association_id = 'reconciled' ORDER BY instance_number").fetchall()
+    assert rows == [(r.sop_instance_uid, "", "reconciled", r.rows, r.cols, r.instance_number,
+                     AXIAL) for r in expected[1:]]
+    assert index.index_orphans(root, (CT,), now=6000.0) == 0  # nothing twice
+
+
+def test_reconciliation_skips_replaced_copies_and_unreadable_files(
+        index: Index, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "spool"
+    first, second = spool_study(root, n_slices=2)
+    moved = tmp_path / "elsewhere" / first.name  # the index holds this instance at another path
+    index.record_instance(replace(listener_record(first, 1000.0), path=moved))
+    (second.parent / "1.2.3.4.5.dcm").write_bytes(b"not DICOM at all")
+    assert index.index_orphans(root, (CT,), now=5000.0) == 1  # only ``second``
+    assert "1.2.3.4.5.dcm is not indexed: its header cannot be read" in caplog.text
+    assert (second.parent / "1.2.3.4.5.dcm").exists()  # left for a person to look at
+
+
+def test_orphans_of_other_sop_classes_are_indexed_but_not_routable(
+        index: Index, tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    spool_study(root, n_slices=2)
+    assert index.index_orphans(root, (RTSTRUCT,), now=5000.0) == 2
+    assert index.pending_series() == []

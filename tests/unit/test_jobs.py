@@ -1,5 +1,6 @@
 """Job state machine, store and backoff: every move journalled, no illegal edge."""
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,60 @@ def test_store_survives_reopen_and_finds_by_prefix(tmp_path: Path):
     assert found.inputs == (tmp_path / "x.dcm",) and found.warnings == ("gap",)
     with pytest.raises(KeyError):
         reopened.find("zzzz")
+
+
+def test_storage_faults_and_waits_have_edges_an_operator_can_use():
+    # A disk full while saving results waits; when due, the analysis runs again.
+    assert next_state(JobState.RUNNING, JobEvent.TEMPORARY_FAILURE) is JobState.RETRY_WAIT
+    assert next_state(JobState.RETRY_WAIT, JobEvent.RERUN) is JobState.PENDING
+    assert next_state(JobState.RETRY_WAIT, JobEvent.DUE) is JobState.DELIVERING
+    # A person may re-queue a waiting job at once, as a failed one.
+    assert next_state(JobState.RETRY_WAIT, JobEvent.RETRY) is JobState.PENDING
+    assert next_state(JobState.FAILED, JobEvent.RETRY) is JobState.PENDING
+    with pytest.raises(IllegalTransition):
+        next_state(JobState.RUNNING, JobEvent.RETRY)  # the runner is on it
+
+
+def test_store_counts_analysis_starts_and_a_retry_resets_them(tmp_path: Path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create(KEY, [])
+    for _ in range(2):  # started, interrupted, resumed, started again
+        job = store.transition(job.id, JobEvent.START, "analysing")
+        job = store.transition(job.id, JobEvent.RESUME, "resumed")
+    assert job.analysis_starts == 2 and job.state is JobState.PENDING
+    job = store.transition(job.id, JobEvent.START, "analysing")
+    job = store.transition(job.id, JobEvent.PERMANENT_FAILURE, "interrupted too often")
+    assert JobStore(tmp_path / "jobs.sqlite").get(job.id).analysis_starts == 3  # persisted
+    job = store.transition(job.id, JobEvent.RETRY, "retry requested on the command line")
+    assert job.analysis_starts == 0 and job.state is JobState.PENDING
+
+
+def test_a_database_of_an_older_version_gains_the_new_column(tmp_path: Path):
+    db = tmp_path / "jobs.sqlite"
+    with sqlite3.connect(db) as old:  # the schema before analysis_starts, with one job
+        old.executescript("""
+            CREATE TABLE jobs (id TEXT PRIMARY KEY, study_uid TEXT NOT NULL,
+                series_uid TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+                inputs TEXT NOT NULL, warnings TEXT NOT NULL DEFAULT '[]',
+                attempts INTEGER NOT NULL DEFAULT 0, first_failure_at REAL,
+                next_attempt_at REAL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+            INSERT INTO jobs (id, study_uid, series_uid, state, inputs, created_at, updated_at)
+                VALUES ('0123456789abcdef', '1.2.3', '1.2.3.4', 'running', '[]', 1.0, 1.0);
+        """)
+    store = JobStore(db)
+    job = store.get("0123456789abcdef")
+    assert job.state is JobState.RUNNING and job.analysis_starts == 0
+    store.transition(job.id, JobEvent.RESUME, "resumed")
+    assert store.transition(job.id, JobEvent.START, "analysing").analysis_starts == 1
+
+
+def test_a_transition_the_full_database_refuses_changes_nothing(tmp_path: Path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create(KEY, [])
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.transition(job.id, JobEvent.START, "x" * 100_000)
+    assert store.get(job.id).state is JobState.PENDING and len(store.journal(job.id)) == 1
+    store._conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    assert store.transition(job.id, JobEvent.START, "analysing").state is JobState.RUNNING

@@ -7,19 +7,31 @@ decides what they answer; the real pipeline and real destinations run in the int
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
+import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydicom
 import pytest
 
-from dicomnode.config import CompletionConfig, Config, DeliveryConfig, SegmentationConfig
+from dicomnode.config import (
+    CompletionConfig,
+    Config,
+    DeliveryConfig,
+    JobsConfig,
+    SegmentationConfig,
+)
 from dicomnode.errors import AssemblyError
+from dicomnode.jobs import runner as runner_module
 from dicomnode.jobs.machine import JobEvent, JobState
 from dicomnode.jobs.runner import Runner
 from dicomnode.jobs.store import JobStore
+from dicomnode.results import discard, save
 from dicomnode.spool.index import Index, InstanceRecord
-from dicomnode.types import DeliveryResult, InstanceOutcome, SeriesKey
+from dicomnode.types import DeliveryResult, InstanceOutcome, ReportSet, SeriesKey
 
 KEY = SeriesKey("1.2.3", "1.2.3.4")
 AXIAL = "1.000000,0.000000,0.000000,0.000000,1.000000,0.000000"
@@ -178,7 +190,7 @@ def test_a_spooled_file_that_vanished_fails_the_job_naming_it(parts):
     assert job.state is JobState.FAILED and "0.dcm cannot be read" in job.reason
 
 
-def write_instance(path: Path) -> None:
+def write_instance(path: Path, **elements: object) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
@@ -188,6 +200,8 @@ def write_instance(path: Path) -> None:
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
     ds.Modality = "CT"
+    for keyword, value in elements.items():  # e.g. Rows, Columns: headers only, no pixels
+        setattr(ds, keyword.capitalize(), value)
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -198,7 +212,7 @@ def test_temporary_delivery_failures_back_off_then_deliver(parts, tmp_path):
     up = DeliveryResult("pacs", outcomes=(InstanceOutcome("1.2", True),))
     destination = ScriptedDestination(down, down, up)
     runner = make_runner(parts, clock, destinations=[destination])
-    job = delivering_job(jobs)
+    job = delivering_job(parts)
     assert runner.deliver_interrupted()[0].state is JobState.RETRY_WAIT
     assert jobs.get(job.id).next_attempt_at == T0 + 10
     assert runner.work_once() is None  # not due yet
@@ -214,7 +228,7 @@ def test_permanent_delivery_failure_fails_at_once(parts):
     index, jobs, _ = parts
     rejected = DeliveryResult("pacs", outcomes=(InstanceOutcome("1.2", False, "failure reason 0x0110"),))
     runner = make_runner(parts, Clock(), destinations=[ScriptedDestination(rejected)])
-    job = delivering_job(jobs)
+    job = delivering_job(parts)
     (job,) = runner.deliver_interrupted()
     assert job.state is JobState.FAILED and "0x0110" in job.reason
 
@@ -224,7 +238,7 @@ def test_temporary_failures_give_up_after_the_limit(parts):
     clock = Clock()
     down = DeliveryResult("pacs", retryable=True, error="HTTP 503")
     runner = make_runner(parts, clock, destinations=[ScriptedDestination(*[down] * 20)])
-    job = delivering_job(jobs)
+    job = delivering_job(parts)
     runner.deliver_interrupted()
     while (job := jobs.get(job.id)).state is not JobState.FAILED:
         clock.now = job.next_attempt_at or clock.now
@@ -232,11 +246,23 @@ def test_temporary_failures_give_up_after_the_limit(parts):
     assert "gave up after" in job.reason and clock.now - T0 >= 1000
 
 
-def delivering_job(jobs: JobStore):
+def delivering_job(parts):
     """A job whose reports are written and whose delivery is due (as after a crash)."""
+    _, jobs, tmp = parts
     job = jobs.create(KEY, [], now=T0)
     jobs.transition(job.id, JobEvent.START, now=T0)
+    save(tmp / "results" / job.id, ReportSet(sr=report_object()), {"outputs": {}})
     return jobs.transition(job.id, JobEvent.REPORTED, now=T0)
+
+
+def report_object() -> pydicom.Dataset:
+    """A minimal SR that a destination can be sent."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.3.4.5.7"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = KEY.study_uid, "1.2.3.4.8", "SR"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    return ds
 
 
 # -- supplied segmentations: a radiologist's RTSTRUCT or SEG with the CT it was drawn on ---------
@@ -345,3 +371,260 @@ def test_our_own_seg_back_from_the_pacs_is_not_measured(parts, sarcoma, tmp_path
     clock.now = T0 + 110
     assert runner.take_complete_series() == [] and len(jobs.all()) == 1
     assert index.pending_series() == []  # taken, not left waiting
+
+
+# -- faults of the node's own storage, crashes, and the job size limit ----------------------------
+
+
+class ReportingPipeline:
+    """Reports one SR with no lesion for any series, counting its runs."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def run(self, datasets, **kwargs):
+        self.runs += 1
+        analysis = SimpleNamespace(segmentation=SimpleNamespace(lesions=()), warnings=())
+        return SimpleNamespace(analysis=analysis, reports=ReportSet(sr=report_object()))
+
+
+class Crash(BaseException):
+    """Stands for the node being killed in the middle of an analysis (nothing is caught)."""
+
+
+class CrashingPipeline:
+    def run(self, *args, **kwargs):
+        raise Crash
+
+
+def delivered() -> ScriptedDestination:
+    ok = DeliveryResult("pacs", outcomes=(InstanceOutcome("1.2", True),))
+    return ScriptedDestination(*[ok] * 5)
+
+
+@pytest.fixture
+def no_summary(monkeypatch):
+    """The summary of the stand-in analysis (the real one needs a real analysis)."""
+    monkeypatch.setattr(runner_module, "summary_json", lambda analysis, reports: {"outputs": {}})
+
+
+def full_disk(monkeypatch, folder: Path, error: int = errno.ENOSPC) -> None:
+    """Every file written under ``folder`` fails at its rename, as on a full disk (the
+    temporary file has been written by then)."""
+    replace = os.replace
+
+    def refuse(src, dst, *args, **kwargs):
+        if Path(dst).is_relative_to(folder):
+            raise OSError(error, os.strerror(error), str(dst))
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refuse)
+
+
+def series_job(parts, clock, runner, n: int = 3, **size):
+    """Spool ``n`` readable instances (``size``: Rows, Columns) and return the job the runner
+    makes of them."""
+    index, _, tmp = parts
+    for k in range(n):
+        write_instance(tmp / f"{k}.dcm", **size)
+        index.record_instance(record(k, T0, tmp))
+    clock.now = T0 + 5
+    (job,) = runner.take_complete_series()
+    return job
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_a_full_disk_while_saving_waits_then_analyses_again(parts, monkeypatch, no_summary):
+    index, jobs, tmp = parts
+    clock = Clock()
+    pipeline, destination = ReportingPipeline(), delivered()
+    runner = make_runner(parts, clock, pipeline=pipeline, destinations=[destination])
+    job = series_job(parts, clock, runner)
+    with monkeypatch.context() as m:
+        full_disk(m, tmp / "results")
+        job = runner.work_once()
+    assert job.state is JobState.RETRY_WAIT
+    assert job.reason == "cannot save results: No space left on device"
+    assert job.next_attempt_at == T0 + 5 + 10 and destination.sent == []
+    assert leftovers(tmp / "results") == []  # no partial result, no temporary file
+    assert runner.work_once() is None  # waits for its time
+    clock.now = T0 + 15  # space was freed meanwhile
+    job = runner.work_once()
+    assert job.state is JobState.DELIVERED and pipeline.runs == 2 and destination.sent == [1]
+    assert [e.to_state for e in jobs.journal(job.id)] == [
+        "pending", "running", "retry_wait", "pending", "running", "delivering", "delivered"]
+    assert jobs.journal(job.id)[3].reason == "retrying the analysis"
+
+
+def test_a_disk_that_stays_full_fails_the_job_and_retry_runs_it_again(
+        parts, monkeypatch, no_summary):
+    index, jobs, tmp = parts
+    clock = Clock()
+    runner = make_runner(parts, clock, pipeline=ReportingPipeline(), destinations=[delivered()])
+    job = series_job(parts, clock, runner)
+    with monkeypatch.context() as m:
+        full_disk(m, tmp / "results")
+        while job.state is not JobState.FAILED:
+            clock.now = max(clock.now, job.next_attempt_at or clock.now)
+            job = runner.work_once()
+    assert job.analysis_starts == 3 == runner.config.jobs.max_attempts
+    assert job.reason == ("cannot save results: No space left on device (analysis started 3 "
+                          "times, jobs.max_attempts = 3); `dicomnode retry` runs it again")
+    assert clock.now == T0 + 5 + 10 + 20  # the backoff between the starts
+    assert leftovers(tmp / "results") == [] and runner.work_once() is None
+    job = jobs.transition(job.id, JobEvent.RETRY, "retry requested on the command line")
+    assert job.analysis_starts == 0
+    assert runner.work_once().state is JobState.DELIVERED
+
+
+def test_a_write_that_waiting_cannot_fix_fails_at_once(parts, monkeypatch, no_summary):
+    index, jobs, tmp = parts
+    clock = Clock()
+    runner = make_runner(parts, clock, pipeline=ReportingPipeline(), destinations=[delivered()])
+    series_job(parts, clock, runner)
+    full_disk(monkeypatch, tmp / "results", errno.EACCES)
+    job = runner.work_once()
+    assert job.state is JobState.FAILED and job.reason == "cannot save results: Permission denied"
+
+
+def test_an_io_error_reading_the_spool_waits_and_reads_again(parts, monkeypatch, no_summary):
+    index, jobs, tmp = parts
+    clock = Clock()
+    runner = make_runner(parts, clock, pipeline=ReportingPipeline(), destinations=[delivered()])
+    series_job(parts, clock, runner)
+    read = pydicom.dcmread
+    broken = tmp / "1.dcm"
+
+    def failing_disk(path, *args, **kwargs):
+        if Path(path) == broken:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return read(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(pydicom, "dcmread", failing_disk)
+        job = runner.work_once()
+    assert job.state is JobState.RETRY_WAIT
+    assert job.reason == "cannot read spooled instance 1.dcm: Input/output error"
+    clock.now = job.next_attempt_at
+    assert runner.work_once().state is JobState.DELIVERED
+
+
+def test_a_series_over_max_voxels_fails_before_its_pixels_are_read(parts, monkeypatch):
+    index, jobs, tmp = parts
+    clock = Clock()
+    pipeline = ReportingPipeline()
+    runner = make_runner(parts, clock, pipeline=pipeline)
+    runner.config = dataclasses.replace(runner.config, jobs=JobsConfig(max_voxels=512 * 512 * 2))
+    series_job(parts, clock, runner, rows=512, columns=512)
+    monkeypatch.setattr(runner_module, "read_inputs", lambda paths: pytest.fail("pixels read"))
+    job = runner.work_once()
+    assert job.state is JobState.FAILED and pipeline.runs == 0
+    assert job.reason == ("series too large: 786,432 voxels (3 slices of up to 512 x 512), "
+                          "more than jobs.max_voxels = 524,288; not analysed")
+
+
+def test_a_series_that_crashes_the_node_fails_after_max_attempts(parts, no_summary):
+    index, jobs, tmp = parts
+    clock = Clock()
+    runner = make_runner(parts, clock, pipeline=CrashingPipeline())
+    job = series_job(parts, clock, runner)
+    for _ in range(3):
+        with pytest.raises(Crash):
+            runner.work_once()
+        assert jobs.get(job.id).state is JobState.RUNNING
+        runner = make_runner(parts, clock, pipeline=CrashingPipeline())  # the node restarts
+        runner.recover()
+    job = jobs.get(job.id)
+    assert job.state is JobState.FAILED and job.analysis_starts == 3
+    assert job.reason == (
+        "analysis started 3 times (jobs.max_attempts = 3), the last one interrupted: the node "
+        "crashed or was killed while analysing it; not retried: see the log; "
+        "`dicomnode retry` runs it again")
+    assert [e.to_state for e in jobs.journal(job.id)].count("running") == 3
+    assert runner.work_once() is None  # no crash loop
+    jobs.transition(job.id, JobEvent.RETRY, "retry requested on the command line")
+    runner = make_runner(parts, clock, pipeline=ReportingPipeline(), destinations=[delivered()])
+    assert runner.work_once().state is JobState.DELIVERED
+
+
+def test_a_step_that_cannot_write_the_job_database_is_resumed_at_the_next_turn(
+        parts, monkeypatch, no_summary, caplog):
+    index, jobs, tmp = parts
+    clock = Clock()
+    pipeline = ReportingPipeline()
+    runner = make_runner(parts, clock, pipeline=pipeline, destinations=[delivered()])
+    job = series_job(parts, clock, runner)
+    transition = jobs.transition
+
+    def database_full_once(job_id, event, *args, **kwargs):
+        if event is JobEvent.REPORTED and pipeline.runs == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return transition(job_id, event, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "transition", database_full_once)
+    assert runner.step() is None and "runner loop error" in caplog.text
+    assert jobs.get(job.id).state is JobState.RUNNING
+    assert runner.step().state is JobState.DELIVERED  # resumed, analysed again, delivered
+    assert "resumed after an interruption" in [e.reason for e in jobs.journal(job.id)]
+
+
+def test_a_job_whose_index_update_failed_is_not_made_twice(parts, monkeypatch):
+    index, jobs, tmp = parts
+    clock = Clock()
+    runner = make_runner(parts, clock)
+    for n in range(20):
+        index.record_instance(record(n, T0))
+    clock.now = T0 + 5
+
+    def index_locked(key, count):
+        raise sqlite3.OperationalError("database is locked")
+
+    with monkeypatch.context() as m:
+        m.setattr(index, "mark_taken", index_locked)
+        with pytest.raises(sqlite3.OperationalError):
+            runner.take_complete_series()
+    (made,) = jobs.all()
+    assert index.pending_series()  # the series is still pending ...
+    clock.now = T0 + 6
+    (job,) = runner.take_complete_series()  # ... and the same job now covers it
+    assert job.id == made.id and len(jobs.all()) == 1 and index.pending_series() == []
+
+
+def test_delivering_results_that_are_gone_fails_and_retry_analyses_again(parts, no_summary):
+    index, jobs, tmp = parts
+    clock = Clock()
+    destination = delivered()
+    runner = make_runner(parts, clock, pipeline=ReportingPipeline(), destinations=[destination])
+    job = delivering_job(parts)
+    discard(tmp / "results" / job.id)
+    (job,) = runner.deliver_interrupted()
+    assert job.state is JobState.FAILED and destination.sent == []
+    assert job.reason.startswith("the saved results are missing from ")
+    jobs.transition(job.id, JobEvent.RETRY, "retry requested on the command line")
+    assert runner.work_once().state is JobState.DELIVERED and destination.sent == [1]
+
+
+def test_a_destination_that_raises_fails_its_job_not_the_loop(parts, caplog):
+    class Broken:
+        name = "broken"
+
+        def send(self, datasets):
+            raise KeyError("bug")
+
+    runner = make_runner(parts, Clock(), destinations=[Broken()])
+    job = delivering_job(parts)
+    (job,) = runner.deliver_interrupted()
+    assert job.state is JobState.FAILED
+    assert job.reason == "broken: internal error: KeyError: 'bug'"
+
+
+def test_recovery_removes_partial_results_of_a_killed_save(parts):
+    _, _, tmp = parts
+    partial = tmp / "results" / "0123456789abcdef" / ".sr.k3j2.tmp"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"half an SR")
+    make_runner(parts, Clock()).recover()
+    assert not partial.exists()
