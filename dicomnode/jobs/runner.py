@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -480,13 +481,31 @@ def _read_spooled(path: Path, *, stop_before_pixels: bool = False) -> pydicom.Da
         for _ in ds.iterall():  # pydicom converts values lazily: meet bad ones here, named
             pass
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        if _is_disk_fault(exc):
             # A fault of the disk, not of the input: it may read another time.
             raise StorageFailure.of(f"cannot read spooled instance {path.name}", exc) from exc
         raise InputRejected(
-            f"spooled instance {path.name} cannot be read: {type(exc).__name__}: {exc}"
+            f"spooled instance {path.name} cannot be read: {type(exc).__name__}: "
+            f"{without_values(str(exc))}"
         ) from None
     return ds
+
+
+def _is_disk_fault(exc: Exception) -> bool:
+    """An operating-system error reading an existing file. pydicom also raises OSError for
+    malformed data ("No tag to read at file position ..."), but without an errno."""
+    return (isinstance(exc, OSError) and exc.errno is not None
+            and not isinstance(exc, FileNotFoundError))
+
+
+#: A quoted value in an exception's text: 'x', "x", b'x' or b"x".
+_QUOTED = re.compile(r"""(?<!\w)b?(['"])(?:\\.|(?!\1).)*\1""")
+
+
+def without_values(text: str) -> str:
+    """``text`` with every quoted value replaced by ``'...'``: pydicom's exceptions quote the
+    raw value they could not parse, which may be a name or patient ID (never logged)."""
+    return _QUOTED.sub("'...'", text)
 
 
 def check_volume_size(headers: Sequence[pydicom.Dataset], max_voxels: int) -> None:

@@ -24,10 +24,10 @@ from dicomnode.config import (
     JobsConfig,
     SegmentationConfig,
 )
-from dicomnode.errors import AssemblyError
+from dicomnode.errors import AssemblyError, InputRejected
 from dicomnode.jobs import runner as runner_module
 from dicomnode.jobs.machine import JobEvent, JobState
-from dicomnode.jobs.runner import Runner
+from dicomnode.jobs.runner import Runner, read_inputs, without_values
 from dicomnode.jobs.store import JobStore
 from dicomnode.results import discard, save
 from dicomnode.spool.index import Index, InstanceRecord
@@ -628,3 +628,20 @@ def test_recovery_removes_partial_results_of_a_killed_save(parts):
     partial.write_bytes(b"half an SR")
     make_runner(parts, Clock()).recover()
     assert not partial.exists()
+
+
+def test_a_parse_error_pydicom_raises_as_oserror_fails_the_job_without_its_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pydicom raises OSError without an errno for damaged data (a sequence item cut short):
+    # bad input, not a disk fault. Its exceptions quote raw values, which may be a patient ID.
+    def damaged(*args: object, **kwargs: object) -> None:
+        raise OSError("No tag to read at file position 57E near b'SECRET-ID'")
+
+    monkeypatch.setattr(pydicom, "dcmread", damaged)
+    with pytest.raises(InputRejected) as refused:
+        read_inputs([tmp_path / "damaged.dcm"])
+    assert "cannot be read: OSError: No tag to read at file position 57E" in str(refused.value)
+    assert "SECRET-ID" not in str(refused.value)
+    assert without_values("received b'SECRET-ID' with format 'l'") == \
+        "received '...' with format '...'"
