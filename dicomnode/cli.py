@@ -305,6 +305,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(json.dumps([
             {"id": j.id, "state": j.state.value, "reason": j.reason, "study_uid": j.key.study_uid,
              "series_uid": j.key.series_uid, "instances": len(j.inputs), "attempts": j.attempts,
+             "analysis_starts": j.analysis_starts,
              "warnings": list(j.warnings), "created_at": j.created_at, "updated_at": j.updated_at}
             for j in jobs
         ], indent=2))
@@ -589,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("retry", help="re-queue a failed job")
+    p = sub.add_parser("retry", help="re-queue a failed or waiting job")
     p.add_argument("job", metavar="JOB", help="job id (a unique prefix is enough)")
     config_option(p)
     p.set_defaults(func=cmd_retry)

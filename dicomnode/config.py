@@ -194,8 +194,10 @@ class JobsConfig:
     #: a job interrupted this often fails with the reason instead of crash-looping the node.
     max_attempts: int = 3
     #: Largest volume (voxels: rows x columns x slices, from the headers) one job analyses;
-    #: a larger series fails with the reason before any pixel data is read.
-    max_voxels: int = 512 * 512 * 1024
+    #: a larger series fails with the reason before any pixel data is read. A job needs about
+    #: 50 bytes a voxel on top of the node's 0.55 GB (benchmarks/job_memory.py): 512^3 voxels,
+    #: about 7 GB. Raise it for longer thin-slice series where the memory is there.
+    max_voxels: int = 512 * 512 * 512
 
     def __post_init__(self) -> None:
         for key in ("max_attempts", "max_voxels"):
