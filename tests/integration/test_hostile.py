@@ -102,6 +102,7 @@ def test_fifty_stalled_sockets_do_not_keep_a_whitelisted_sender_out(
              *map(str, ct_series)], capture_output=True, text=True, timeout=60,
         )
         seconds = time.monotonic() - started
+        print(f"whitelisted storescu beside 50 stalled sockets: {seconds:.2f} s")
         assert sent.returncode == 0, sent.stderr
         assert seconds < 5, f"the well-behaved sender needed {seconds:.1f} s"
         assert instances_indexed(node) == len(ct_series)
@@ -129,6 +130,7 @@ def test_sigterm_stops_the_node_within_seconds_while_peers_stall(
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=20)
+        print(f"SIGTERM with stalled peers: exit after {time.monotonic() - started:.2f} s")
         assert time.monotonic() - started < 10
         assert process.returncode == 0
     finally:
@@ -298,6 +300,7 @@ def test_a_512_mb_instance_is_refused_by_default_and_stored_when_allowed_in_boun
     idle = idle_rss(node)
     with PeakRss(node.process.pid) as rss:  # type: ignore[union-attr]
         assert send_files(node.port, [big], context) == [0xA700]
+    print(f"512 MB instance refused: node idle {idle:.0f} MB, peak {rss.peak_mb:.0f} MB")
     assert rss.peak_mb - idle < RSS_BUDGET_MB, (idle, rss.peak_mb)
     assert "instance over node.max_instance_mb (256 MB)" in node.log_path.read_text()
     assert not list((tmp_path / "node" / "spool").rglob("*.part"))
@@ -307,6 +310,7 @@ def test_a_512_mb_instance_is_refused_by_default_and_stored_when_allowed_in_boun
     idle = idle_rss(allowed)
     with PeakRss(allowed.process.pid) as rss:  # type: ignore[union-attr]
         assert send_files(allowed.port, [big], context) == [0x0000]
+    print(f"512 MB instance stored: node idle {idle:.0f} MB, peak {rss.peak_mb:.0f} MB")
     assert rss.peak_mb - idle < RSS_BUDGET_MB, (idle, rss.peak_mb)
     (stored,) = (tmp_path / "node" / "spool").rglob("*.dcm")
     assert data_set_digest(stored) == data_set_digest(big)  # stored as sent, byte for byte
@@ -334,6 +338,7 @@ def test_deflate_bombs_are_refused_in_bounded_memory_and_the_node_still_answers(
     with PeakRss(node.process.pid) as rss:  # type: ignore[union-attr]
         statuses = send_files(node.port, bombs, [(CTImageStorage, DeflatedExplicitVRLittleEndian)])
     assert statuses == [0xA700] * 4
+    print(f"4 deflate bombs refused: node idle {idle:.0f} MB, peak {rss.peak_mb:.0f} MB")
     assert rss.peak_mb - idle < RSS_BUDGET_MB, (idle, rss.peak_mb)
     assert "inflates to more than 256 MB (node.max_inflated_mb)" in node.log_path.read_text()
     assert instances_indexed(node) == 0
