@@ -70,17 +70,18 @@ _RECV_CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Limits:
-    """The guard's settings (see :class:`dicomnode.config.NodeConfig` for each)."""
+    """The guard's settings, from :class:`dicomnode.config.NodeConfig` (their one home, with
+    their defaults and meaning)."""
 
-    max_pdu: int = 1 << 20
-    max_associations: int = 20
-    max_associations_per_host: int = 10
-    max_pending_per_host: int = 8
-    max_pending_connections: int = 64
-    association_request_seconds: float = 10.0
-    pdu_seconds: float = 30.0
-    data_set_seconds: float = 600.0
-    max_instance_bytes: int = 256 * 2**20
+    max_pdu: int
+    max_associations: int
+    max_associations_per_host: int
+    max_pending_per_host: int
+    max_pending_connections: int
+    association_request_seconds: float
+    pdu_seconds: float
+    data_set_seconds: float
+    max_instance_bytes: int
 
     @classmethod
     def from_config(cls, node: NodeConfig) -> Limits:

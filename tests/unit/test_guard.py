@@ -18,7 +18,13 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from dicomnode.config import NodeConfig
 from dicomnode.receive.guard import ConnectionBudget, GuardedConnection, Limits
+
+
+def limits_for(**node: Any) -> Limits:
+    """The guard's limits for a node configured with ``node`` (defaults otherwise)."""
+    return Limits.from_config(NodeConfig(**node))
 
 
 @dataclass(eq=False)
@@ -31,7 +37,7 @@ class FakeConnection:
 
 
 def test_a_host_over_its_pending_budget_loses_its_oldest_connection_only() -> None:
-    budget = ConnectionBudget(Limits(max_pending_per_host=2, max_pending_connections=10))
+    budget = ConnectionBudget(limits_for(max_pending_per_host=2, max_pending_connections=10))
     other = FakeConnection("10.0.0.2")
     first, second, third = (FakeConnection("10.0.0.1") for _ in range(3))
     for conn in (other, first, second, third):
@@ -42,7 +48,7 @@ def test_a_host_over_its_pending_budget_loses_its_oldest_connection_only() -> No
 
 
 def test_over_the_total_pending_budget_the_oldest_connection_of_any_host_is_closed() -> None:
-    budget = ConnectionBudget(Limits(max_pending_per_host=5, max_pending_connections=2))
+    budget = ConnectionBudget(limits_for(max_pending_per_host=5, max_pending_connections=2))
     a, b, c = FakeConnection("a"), FakeConnection("b"), FakeConnection("c")
     for conn in (a, b, c):
         budget.admit(conn)  # type: ignore[arg-type]
@@ -51,7 +57,7 @@ def test_over_the_total_pending_budget_the_oldest_connection_of_any_host_is_clos
 
 
 def test_associations_are_limited_per_host_and_in_all_and_released() -> None:
-    budget = ConnectionBudget(Limits(max_associations=3, max_associations_per_host=2))
+    budget = ConnectionBudget(limits_for(max_associations=3, max_associations_per_host=2))
     conns = [FakeConnection(h) for h in ("a", "a", "a", "b", "c")]
     for conn in conns:
         budget.admit(conn)  # type: ignore[arg-type]
@@ -97,11 +103,11 @@ def pair(tmp_path: Path) -> Any:
     peer.close()
 
 
-def guarded(pair: Any, **limits: Any) -> GuardedConnection:
+def guarded(pair: Any, **node: Any) -> GuardedConnection:
     ours, _, incoming = pair
-    conn = GuardedConnection(ours, ("127.0.0.1", 4242), budget=ConnectionBudget(Limits(**limits)),
-                             limits=Limits(**limits), open_incoming=incoming)
-    return conn
+    limits = limits_for(**node)
+    return GuardedConnection(ours, ("127.0.0.1", 4242), budget=ConnectionBudget(limits),
+                             limits=limits, open_incoming=incoming)
 
 
 def associate_rq(calling: str = "SENDER", called: str = "DICOMNODE") -> bytes:
@@ -198,8 +204,8 @@ def test_a_control_character_in_the_called_ae_title_is_rejected_by_the_guard(
     assert "\nFORGED" not in caplog.text
 
 
-def start_association(pair: Any, **limits: Any) -> GuardedConnection:
-    conn = guarded(pair, **limits)
+def start_association(pair: Any, **node: Any) -> GuardedConnection:
+    conn = guarded(pair, **node)
     pair[1].sendall(associate_rq())
     read_pdu(conn)
     conn.attach(FakeAssociation([Context(1, [ExplicitVRLittleEndian])]))  # type: ignore[arg-type]
@@ -231,7 +237,7 @@ def test_a_c_store_data_set_goes_to_a_file_and_pynetdicom_gets_empty_fragments(
 
 
 def test_a_data_set_over_the_size_limit_is_read_dropped_and_marked(pair: Any) -> None:
-    conn = start_association(pair, max_instance_bytes=150)
+    conn = start_association(pair, max_instance_mb=150 / 2**20)
     uid = generate_uid()
     data = ct_data_set(uid) + bytes(200)
     pair[1].sendall(pdata((1, 0x03, c_store_command(uid))) + pdata((1, 0x02, data)))
