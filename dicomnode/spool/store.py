@@ -5,7 +5,7 @@ the File Meta Information and the data set exactly as the sender encoded it (PS3
 node never decodes and re-encodes what it received, so compressed pixel data stays compressed
 and nothing the sender wrote is lost.
 
-Durability: the bytes go to a temporary file in the destination folder, the file is fsynced,
+Durability: the bytes go to a temporary file in ``.incoming`` on the same file system, the file is fsynced,
 renamed over the final name (atomic on POSIX), and the folder is fsynced so the rename itself
 survives a power cut. Only then may the C-STORE be answered with Success, which tells the
 sender it may consider the instance delivered (PS3.4 Annex B). A reader never sees a
@@ -134,20 +134,16 @@ class Spool:
             The file could not be written durably (disk full, I/O error, permissions); no
             partial file is left under the final name.
         """
-        final = self.path_for(key, sop_instance_uid)
+        self.path_for(key, sop_instance_uid)  # refuse a bad UID before anything is written
         parts = [content] if isinstance(content, (bytes, bytearray, memoryview)) else list(content)
-        self._ensure_durable_dir(final.parent)
-        same = _has_content(final, parts)
-        if same:
-            return Stored(final, Outcome.DUPLICATE)
+        f, incoming = self.open_incoming()
         try:
-            write_atomically(final, parts)
-        except FileNotFoundError:
-            # The folder was removed (by a clean-up) after it was cached: create it again.
-            self._durable_dirs -= {final.parent, final.parent.parent}
-            self._ensure_durable_dir(final.parent)
-            write_atomically(final, parts)
-        return Stored(final, Outcome.NEW if same is None else Outcome.REPLACED)
+            with f:
+                for part in parts:
+                    f.write(part)
+            return self.adopt(key, sop_instance_uid, incoming)
+        finally:
+            incoming.unlink(missing_ok=True)  # gone already unless something failed
 
     def open_incoming(self) -> tuple[BinaryIO, Path]:
         """A new private file (0600) for a data set still arriving, and its path.
@@ -230,24 +226,6 @@ def write_atomically(final: Path, parts: Sequence[Buffer]) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(final.parent)
-
-
-def _has_content(path: Path, parts: Sequence[Buffer]) -> bool | None:
-    """``None`` if ``path`` does not exist, else whether it holds exactly ``parts`` joined."""
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        return None
-    with f:
-        if os.fstat(f.fileno()).st_size != sum(memoryview(p).nbytes for p in parts):
-            return False
-        for part in parts:
-            view = memoryview(part).cast("B")
-            for start in range(0, len(view), _READ_CHUNK):
-                expected = view[start : start + _READ_CHUNK]
-                if f.read(len(expected)) != expected:
-                    return False
-    return True
 
 
 def _same_content(path: Path, other: Path) -> bool | None:
