@@ -789,6 +789,20 @@ that agrees only approximately with the paper's SPHARM-MAT parameterisation (see
 `dicomnode/analyse/regional.py` for every deviation). Values of this model cannot be compared
 with the paper's.
 
+Where the node differs from the paper (seed 003 and its public code):
+- **rings bounded by the body, not the lung** (**OURS**): the public code keeps the peritumoral
+  ring inside a lung mask (plus the lesion); the node has no organ segmentation and keeps it
+  inside the body (largest connected region above `[regional] body_threshold_hu`, holes
+  filled), so a ring can take in mediastinum, chest wall, fat or bowel that the lung mask would
+  exclude. `dicomnode features` bounds the rings by a cohort's `organ_mask` column when one is
+  given, which the node cannot do: a model the node runs should be trained on body-bounded
+  rings (no `organ_mask`);
+- **CT only** (**OURS**): the paper's subtypes are shared by CT and MRI; the node accepts CT
+  series only and these features use Hounsfield units, so this model must not be applied to MRI;
+- **one lesion, not one patient, per row** (**OURS**): the paper counts patients (1,682); here
+  every row of the features file is one lesion, so a case with several lesions is clustered,
+  and counted, once per lesion.
+
 ## Method
 The paper reports four imaging subtypes but publishes no clustering code. Choices:
 - k = {k}: the paper's number of subtypes (**paper**), fixed, not chosen by PAC (**OURS**); the

@@ -15,6 +15,13 @@ before has seen. The cross-validated outputs give the ROC curve, the AUC (with a
 95% interval) and the operating threshold at the maximum Youden index; the final model is
 the same chain refitted on every case. Cases with several lesions stay in one fold.
 
+Small cohorts: the paper had 24 patients, of whom 8 (primary tumour) and 5 (liver metastasis)
+were TMB-high. Training therefore runs with as few lesions of a class as there are outer folds
+(5: one per outer test fold), the technical floor, below which it stops with an error; below
+:attr:`TmbProtocol.recommended_per_class` (10) it goes on with a warning that is logged,
+returned in :attr:`TmbTrainingSummary.warnings` and written into ``manifest.json``
+(``training.warnings``) and the model card.
+
 Every value the paper leaves open is a field of :class:`TmbProtocol` with its default and a
 line in the model card marked as ours. Deterministic for a seed, whatever ``workers`` is.
 """
@@ -90,6 +97,12 @@ class TmbProtocol:
     })
     #: Ours: bootstrap resamples of the cross-validated outputs for the AUC's 95% interval.
     bootstrap: int = 2000
+    #: Ours: with fewer lesions than this in the smaller class, training goes on with a
+    #: warning (recorded in the manifest and the model card). 10 = 2 x 5 outer folds: below
+    #: it an outer test fold holds one lesion of that class and some inner test folds none,
+    #: so the AUC, its interval and the Youden threshold are very unstable. The paper itself
+    #: had 5 to 8 TMB-high patients. The hard floor is :attr:`outer_folds` per class.
+    recommended_per_class: int = 10
 
     def __post_init__(self) -> None:
         if not self.rfe_sizes or min(self.rfe_sizes) < 1:
@@ -98,6 +111,10 @@ class TmbProtocol:
             raise TrainingError(f"rfe_step: must lie in (0, 1), got {self.rfe_step}")
         if min(self.outer_folds, self.inner_folds) < 2:
             raise TrainingError("outer_folds and inner_folds must be >= 2")
+        if self.recommended_per_class < 1:
+            raise TrainingError(
+                f"recommended_per_class: must be >= 1, got {self.recommended_per_class}"
+            )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -267,6 +284,16 @@ def _selection_path(
     values: np.ndarray, high: np.ndarray, protocol: TmbProtocol, seed: int
 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
     """Medians, imputed values and the elimination path, all from these rows only."""
+    n_high = int(np.sum(high))
+    if n_high == 0 or n_high == len(high):
+        # Possible above the floor when one class's lesions come from too few cases: a case
+        # never straddles two folds, so a fold can take every lesion of that class.
+        raise TrainingError(
+            f"a cross-validation training part holds {n_high} TMB-high and "
+            f"{len(high) - n_high} TMB-low lesions: it needs both classes. The lesions of the "
+            f"smaller class come from too few cases (a case stays in one fold); add cases or "
+            f"lower outer_folds/inner_folds"
+        )
     medians = column_medians(values)
     imputed, _ = impute(values, medians)
     return medians, imputed, rfe_path(imputed, high, filter_features(imputed, high, protocol),
@@ -345,8 +372,12 @@ def _outer_fold(
 def nested_cross_validation(
     data: TrainingSet, protocol: TmbProtocol, seed: int, workers: int = 1
 ) -> tuple[np.ndarray, list[OuterFold]]:
-    """Out-of-fold P(TMB-high) for every lesion; nothing fitted on a fold ever sees its test part."""
-    _check_classes(data, protocol)
+    """Out-of-fold P(TMB-high) for every lesion; nothing fitted on a fold ever sees its test part.
+
+    Raises :class:`TrainingError` below the floor of :func:`check_classes`; call that first
+    for its warnings.
+    """
+    check_classes(data, protocol)
     folds = StratifiedGroupKFold(n_splits=protocol.outer_folds, shuffle=True, random_state=seed)
     splits = list(folds.split(data.values, data.high, data.groups))
     outer = Parallel(n_jobs=workers)(
@@ -359,16 +390,36 @@ def nested_cross_validation(
     return probabilities, list(outer)
 
 
-def _check_classes(data: TrainingSet, protocol: TmbProtocol) -> None:
-    # Every inner test fold needs lesions of both classes for an AUC.
+def check_classes(data: TrainingSet, protocol: TmbProtocol) -> tuple[str, ...]:
+    """Refuse a cohort below the technical floor; warn below the recommended size.
+
+    The floor is :attr:`TmbProtocol.outer_folds` lesions of each class: stratified outer
+    folds can then give every outer test fold one lesion of each class and every training
+    part both classes (the inner AUCs are computed over the pooled inner out-of-fold outputs,
+    so an inner test fold without a class is allowed). When a class's lesions come from too
+    few cases, a training part can still lack it: :func:`_selection_path` then stops with an
+    error. Returns the warnings: one when the smaller class has fewer than
+    :attr:`TmbProtocol.recommended_per_class` lesions.
+    """
     n_high = int(data.high.sum())
-    smallest, needed = min(n_high, len(data.high) - n_high), 2 * protocol.outer_folds
-    if smallest < needed:
+    n_low = len(data.high) - n_high
+    smallest = min(n_high, n_low)
+    counts = f"this cohort has {n_high} TMB-high and {n_low} TMB-low"
+    if smallest < protocol.outer_folds:
         raise TrainingError(
             f"nested {protocol.outer_folds} x {protocol.inner_folds} cross-validation needs at "
-            f"least {needed} lesions of each class; this cohort has {n_high} TMB-high and "
-            f"{len(data.high) - n_high} TMB-low"
+            f"least {protocol.outer_folds} lesions of each class (one per outer fold); {counts}"
         )
+    if smallest < protocol.recommended_per_class:
+        which = "TMB-high" if n_high <= n_low else "TMB-low"
+        return (
+            f"only {smallest} {which} lesions, fewer than the recommended "
+            f"{protocol.recommended_per_class} ({counts}): each outer test fold holds about one "
+            f"of them and some inner test folds none, so the cross-validated AUC, its interval "
+            f"and the Youden threshold are very unstable. Trained anyway (the paper had 5 to 8 "
+            f"TMB-high patients of 24); treat the metrics as a rough indication only.",
+        )
+    return ()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -419,11 +470,13 @@ class TmbTrainingSummary:
     metrics: dict[str, Any]
     threshold: float
     n_features: int
+    warnings: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         m = self.metrics
         low, up = m["auc_95ci"]
         return "\n".join([
+            *(f"WARNING: {w}" for w in self.warnings),
             f"wrote {self.out_dir} in {self.seconds:.0f} s",
             f"nested cross-validated AUC {m['auc']:.3f} (95% CI {low:.3f}-{up:.3f}), "
             f"{m['n']} lesions ({m['n_high']} TMB-high)",
@@ -461,6 +514,9 @@ def train_tmb(
     started = time.perf_counter()
     protocol = protocol or TmbProtocol()
     out_dir = Path(out_dir)
+    warnings = check_classes(data, protocol)
+    for warning in warnings:
+        log(f"WARNING: {warning}")
     log(f"nested {protocol.outer_folds} x {protocol.inner_folds} cross-validation on "
         f"{len(data.high)} lesions, {len(data.names)} features ...")
     probabilities, folds = nested_cross_validation(data, protocol, seed, workers)
@@ -496,6 +552,7 @@ def train_tmb(
             "target": data.target,
             "left_out": list(data.dropped),
             "candidate_features": len(data.names),
+            "warnings": list(warnings),
             "note": cohort_note,
             "sources": dict(sources or {}),
             "final_size_inner_aucs": {str(k): v for k, v in inner.items()},
@@ -512,7 +569,7 @@ def train_tmb(
     (out_dir / "MODEL_CARD.md").write_text(model_card(manifest), encoding="utf-8")
     (out_dir / "RECIPE.md").write_text(_recipe(manifest), encoding="utf-8")
     return TmbTrainingSummary(out_dir, time.perf_counter() - started, metrics, threshold,
-                              len(final.features))
+                              len(final.features), warnings)
 
 
 def _write_predictions(
@@ -575,6 +632,9 @@ def model_card(manifest: Mapping[str, Any]) -> str:
     sizes = ", ".join(str(f["size"]) for f in t["outer_folds"])
     left_out = f"{len(t['left_out'])} lesion(s) left out (listed in `manifest.json`)." \
         if t["left_out"] else "No lesion was left out."
+    warnings = "".join(f"\n**Warning:** {w}" for w in t.get("warnings", ()))
+    # Manifests written before the field existed were trained with the default.
+    recommended = p.get("recommended_per_class", 10)
     return f"""# Model card: {manifest['name']}
 
 Output: P(TMB-high) of a lesion, TMB-high meaning **{t['target']}**; the node reports High when
@@ -588,7 +648,8 @@ prediction from imaging, **not a sequencing result**, and must not inform care.
 ## Data
 {t['note'] or 'No description of the cohort was given.'}
 {t['lesions']} lesions of {t['cases']} cases, {t['high']} TMB-high; {t['candidate_features']} candidate features.
-{left_out}
+{left_out}{warnings}
+One row of the features CSV is one lesion (segmented VOI); the lesions of a case stay in one fold.
 Sources: {json.dumps(t['sources'])}
 
 ## Method
@@ -598,8 +659,20 @@ cross-validation ({p['outer_folds']} outer x {p['inner_folds']} inner folds, str
 fitting never see the outer test fold. ROC analysis on the cross-validated outputs; operating
 threshold at the maximum Youden index; final model refitted on every lesion.
 
-Choices the paper leaves open (ours, each a field of `dicomnode.train.tmb.TmbProtocol`):
-- of a correlated pair, the feature later in protocol order is dropped;
+Where this differs from seed 001 as written:
+- the paper ran "all statistical analysis and machine learning" in **R 4.1.0** (packages not
+  named); dicomnode runs the same steps in **Python** (scipy's Mann-Whitney U, scikit-learn's
+  random forest and stratified group folds, the xgboost Python package, versions below): the
+  same method, not the same code, so the paper's figures cannot be reproduced to the digit;
+- the paper reports one AUC per lesion site (primary tumour, liver metastasis) and per CT
+  phase (so, as we read it, one model each), on one segmented lesion per patient (for the
+  liver, the metastasis that was sequenced); this model is fitted on whatever lesions, sites
+  and phases the cohort CSV lists.
+
+Choices the paper leaves open (ours, each a field of `dicomnode.train.tmb.TmbProtocol`, or fixed):
+- the redundancy filter uses |r| (the paper writes "r > 0.9"; a strong negative correlation is as
+  collinear); of a correlated pair, the feature later in protocol order is dropped;
+- folds are stratified by class and keep the lesions of a case together (the paper says neither);
 - Mann-Whitney U: two-sided, uncorrected p < {p['mann_whitney_alpha']}; if fewer than {p['min_after_filter']} pass,
   the {p['min_after_filter']} with the smallest p are kept;
 - elimination: random forest of {p['rf_trees']} trees, impurity importance, {p['rfe_step']:.0%} of the remaining
@@ -609,7 +682,9 @@ Choices the paper leaves open (ours, each a field of `dicomnode.train.tmb.TmbPro
 - XGBoost hyper-parameters fixed, not tuned: `{json.dumps(p['xgboost'])}`;
 - non-finite inputs are replaced by training medians (stored); the node makes no prediction
   for a lesion with more than half of its inputs missing;
-- 95% interval of the AUC: percentile bootstrap over lesions, {p['bootstrap']} resamples; seed {p['seed']}.
+- 95% interval of the AUC: percentile bootstrap over lesions, {p['bootstrap']} resamples; seed {p['seed']};
+- cohort size: training needs at least {p['outer_folds']} lesions of each class (one per outer fold)
+  and warns, in the log, `manifest.json` and this card, below {recommended} (`recommended_per_class`).
 
 ## Metrics (nested cross-validation: every figure from lesions the model did not see)
 | lesions | AUC (95% CI) | sensitivity | specificity | accuracy |
@@ -617,8 +692,16 @@ Choices the paper leaves open (ours, each a field of `dicomnode.train.tmb.TmbPro
 | {m['n']} ({m['n_high']} high) | {m['auc']:.3f} ({low:.3f}-{up:.3f}) | {m['sensitivity']:.3f} | {m['specificity']:.3f} | {m['accuracy']:.3f} |
 
 Sensitivity, specificity and accuracy use a threshold chosen on the same cross-validated
-outputs, so they are somewhat optimistic. For scale, the paper reports AUC 0.732 (primary
-tumour) and 0.812 (liver metastasis) on 24 patients.
+outputs, so they are somewhat optimistic.
+
+For scale only (another cohort and, as we read it, one model per site and phase): seed 001
+reports AUCs per CT phase, and its headline figures (the abstract's "maximum values") are the
+better phase of each site: primary tumour 0.732 (supine, contrast-enhanced CT colonography, 35 s; prone, 300 s: 0.701) and
+liver metastasis 0.812 (contrast-enhanced, 70 s; non-contrast: 0.784). Contrast CT was analysed
+in 22 of the 24 patients (two received no contrast), so both headline AUCs come from 22
+patients; of all 24, 8 (primary) and 5 (liver) were TMB-high. No confidence intervals are
+given. Its sensitivity 0.857, specificity 0.600 and accuracy 0.682 are for TMB *discordance*
+between primary and metastasis, not for TMB status.
 
 Trained on {t['host']}. Versions: {json.dumps(manifest['versions'])}
 """
@@ -636,5 +719,7 @@ def _recipe(manifest: Mapping[str, Any]) -> str:
 
 Deterministic for a seed (`--seed`, here {manifest['protocol']['seed']}); `--workers` changes only the speed.
 The protocol values are in `manifest.json` (`protocol`) and explained in `MODEL_CARD.md`.
+Seed 001 ran its analysis in R 4.1.0; this recipe runs dicomnode's Python implementation of
+the same steps (the versions below), so its figures are not the paper's to the digit.
 Versions: {json.dumps(manifest['versions'])}
 """

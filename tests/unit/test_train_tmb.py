@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -198,12 +199,67 @@ def test_bad_targets_name_the_line_and_column(
         load_training_set(tmp_path / "f.csv", tmp_path / "c.csv")
 
 
-def test_too_few_lesions_of_a_class_is_refused_with_the_counts(tmp_path: Path) -> None:
+#: A fast protocol for the small-cohort tests below (the chain is the same).
+TINY = TmbProtocol(rf_trees=10, rfe_sizes=(2, 4), bootstrap=200,
+                   xgboost={**TmbProtocol().xgboost, "n_estimators": 50})
+
+
+def with_high(data: TrainingSet, high_lesions: list[int]) -> TrainingSet:
+    """``data`` with exactly these lesions TMB-high."""
+    high = np.zeros(len(data.high), dtype=int)
+    high[high_lesions] = 1
+    values = data.values.copy()
+    values[:, [3, 7]] += 1.5 * high[:, np.newaxis]
+    return TrainingSet(data.keys, data.names, values, high, data.groups, "test")
+
+
+def test_below_one_lesion_per_outer_fold_is_refused_with_the_counts(tmp_path: Path) -> None:
+    few = with_high(numeric_set(), [0, 2, 4, 6])  # 4 TMB-high lesions of 4 cases, 5 outer folds
+    with pytest.raises(TrainingError, match=r"at least 5 lesions of each class \(one per outer "
+                                            r"fold\); this cohort has 4 TMB-high and 56 TMB-low"):
+        train_tmb(few, tmp_path, protocol=TINY, log=lambda _: None)
+    assert not (tmp_path / "manifest.json").exists()
+    # The floor follows the outer folds: with 4 of them, 4 TMB-high lesions are enough.
+    train_tmb(few, tmp_path, protocol=replace(TINY, outer_folds=4), log=lambda _: None)
+    assert (tmp_path / "manifest.json").exists()
+
+
+def test_a_small_class_like_the_papers_trains_with_a_recorded_warning(tmp_path: Path) -> None:
+    # 6 TMB-high lesions of 6 cases among 60 (the paper: 5 to 8 TMB-high patients of 24).
+    small = with_high(numeric_set(), [0, 2, 4, 6, 8, 10])
+    logged: list[str] = []
+    summary = train_tmb(small, tmp_path, protocol=TINY, log=logged.append)
+    warning = [line for line in logged if line.startswith("WARNING:")]
+    assert len(warning) == 1
+    assert "only 6 TMB-high lesions, fewer than the recommended 10" in warning[0]
+    assert summary.warnings == (warning[0].removeprefix("WARNING: "),)
+    assert str(summary).startswith(warning[0])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["training"]["warnings"] == list(summary.warnings)
+    assert manifest["protocol"]["recommended_per_class"] == 10
+    assert manifest["metrics"]["nested_cross_validated"]["n_high"] == 6
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert f"**Warning:** {summary.warnings[0]}" in card
+    # The recommended size is a protocol value: at 6 the same cohort trains without warning.
+    quiet = train_tmb(small, tmp_path / "quiet", protocol=replace(TINY, recommended_per_class=6),
+                      log=logged.append)
+    assert quiet.warnings == ()
+    assert json.loads((tmp_path / "quiet" / "manifest.json").read_text())["training"][
+        "warnings"] == []
+    assert "**Warning:**" not in (tmp_path / "quiet" / "MODEL_CARD.md").read_text()
+
+
+def test_a_class_held_by_too_few_cases_is_refused_clearly(tmp_path: Path) -> None:
+    # 6 TMB-high lesions, above the floor, but all in one case: the outer fold that tests
+    # that case has no TMB-high lesion left to train on.
     data = numeric_set()
-    few = TrainingSet(data.keys, data.names, data.values, (np.arange(60) < 6).astype(int),
-                      data.groups, "test")
-    with pytest.raises(TrainingError, match="at least 10 lesions of each class; .* 6 TMB-high"):
-        train_tmb(few, tmp_path, protocol=FAST, log=lambda _: None)
+    groups = data.groups.copy()
+    groups[:6] = "c0"
+    one_case = with_high(TrainingSet(data.keys, data.names, data.values, data.high, groups,
+                                     "test"), list(range(6)))
+    with pytest.raises(TrainingError, match="training part holds 0 TMB-high and .* needs both "
+                                            "classes"):
+        train_tmb(one_case, tmp_path, protocol=TINY, log=lambda _: None)
 
 
 def test_cli_trains_from_csv_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -221,3 +277,4 @@ def test_cli_trains_from_csv_files(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "dicomnode train tmb --features" in recipe
     manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
     assert manifest["positive_class"] == "tmb >= 10 mutations/Mb"
+    assert manifest["training"]["warnings"] == []  # 30 lesions of each class
