@@ -29,7 +29,8 @@ PER_CLASS = {"firstorder": 18, "glcm": 24, "glrlm": 16, "glszm": 16, "gldm": 14,
 
 @pytest.fixture(scope="module")
 def extractor() -> RadiomicsExtractor:
-    return RadiomicsExtractor(PROTOCOL)
+    """The whole image, as plain pyradiomics filters it."""
+    return RadiomicsExtractor(PROTOCOL, crop_margin_mm=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,16 @@ def test_lung1_gives_1037_finite_values_in_protocol_order(
     assert -150 <= lowest < highest <= 500
     voxel_mm3 = 0.5703125 * 0.5703125 * 5.0
     assert features["original_shape_VoxelVolume"] == pytest.approx(812 * voxel_mm3)
+
+
+def test_automatic_margin_is_bit_identical_on_lung1(lung1, lung1_exact: LesionFeatures) -> None:
+    hu, mask, spacing = lung1
+    auto = RadiomicsExtractor(PROTOCOL)
+    assert auto.crop_margin_mm == "auto"
+    # 16 x sigma 3 mm on a 0.57 x 0.57 x 5 mm grid: the crop is far smaller than the CT.
+    assert auto.margin_voxels(spacing) == (10, 85, 85)
+    cropped = auto.extract_arrays(hu, mask, spacing)
+    assert cropped.values == lung1_exact.values
 
 
 def test_crop_margin_keeps_shape_and_original_features(
