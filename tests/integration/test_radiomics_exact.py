@@ -14,12 +14,16 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from radiomics import featureextractor
 
 from dicomnode.analyse.radiomics import RadiomicsExtractor
+from dicomnode.assemble import assemble
 from dicomnode.config import Config
+from dicomnode.masks import ImageGrid, rtstruct_mask
+from sarcoma import require_cohort
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 PROTOCOL = Path(__file__).resolve().parents[2] / "models" / "radiomics" / "tmb_protocol.yaml"
@@ -44,13 +48,6 @@ def read_case(name: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, fl
         spacing = tuple(reversed(image.GetSpacing()))
         hu = sitk.GetArrayFromImage(image).astype(np.float64)
         return hu, (sitk.GetArrayFromImage(mask) == 1).astype(np.uint8), spacing
-    from sarcoma import require_cohort
-
-    import pydicom
-
-    from dicomnode.assemble import assemble
-    from dicomnode.masks import ImageGrid, rtstruct_mask
-
     folder = require_cohort() / name / "CT"
     volume = assemble([pydicom.dcmread(p) for p in sorted((folder / "image").iterdir())])
     grid = ImageGrid(volume.hu, volume.geometry, volume.frame_of_reference_uid)
