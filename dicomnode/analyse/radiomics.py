@@ -28,13 +28,12 @@ from typing import Any
 
 import numpy as np
 import pykwalify.errors
-import pywt
 import radiomics
 import SimpleITK as sitk
 import yaml
 from radiomics import featureextractor
 
-from dicomnode.analyse.radiomics_engine import ProtocolRunner
+from dicomnode.analyse.radiomics_engine import ProtocolRunner, grow, wavelet_reach
 from dicomnode.config import AUTO_MARGIN, Config, RadiomicsConfig, crop_margin
 from dicomnode.errors import ConfigError, InputRejected, ModelError
 from dicomnode.types import LabelVolume, LesionFeatures, Volume
@@ -120,8 +119,17 @@ class RadiomicsExtractor:
         #: Value of the lesion in the mask image handed to pyradiomics (the protocol's label).
         self._mask_value = int(self._extractor.settings.get("label", 1))
         self._log_sigmas_mm = _log_sigmas_mm(self._extractor)
-        self._wavelet_reach = _wavelet_reach_voxels(self._extractor)
-        self._runner = ProtocolRunner(self._extractor, workers)
+        wavelet = self._extractor.enabledImagetypes.get("Wavelet")
+        self._wavelet_reach = (
+            0 if wavelet is None else wavelet_reach({**self._extractor.settings, **wavelet})
+        )
+        # The automatic margin crops each LoG image to its own sigma's reach; a fixed margin
+        # (or none) filters every image on the same crop.
+        # No crop is pyradiomics to the bit, its quadratic shape loop included.
+        tail = LOG_TAIL_SIGMAS if self.crop_margin_mm == AUTO_MARGIN else None
+        self._runner = ProtocolRunner(
+            self._extractor, workers, log_tail_sigmas=tail, fast_shape=self.crop_margin_mm != 0
+        )
 
     @property
     def workers(self) -> int:
@@ -338,19 +346,6 @@ def _wavelet_names(levels: int) -> Iterator[str]:
     yield ("wavelet-" if levels == 1 else f"wavelet{levels}-") + "LLL"
 
 
-def _wavelet_reach_voxels(extractor: featureextractor.RadiomicsFeatureExtractor) -> int:
-    """How far (voxels) a wavelet coefficient sees: the stationary transform's filter, dilated
-    by 2 at each level up to the last one pyradiomics computes, plus the voxel pyradiomics
-    wraps onto an odd axis. 0 without a wavelet image."""
-    custom = extractor.enabledImagetypes.get("Wavelet")
-    if custom is None:
-        return 0
-    args = {**extractor.settings, **(custom or {})}
-    taps = pywt.Wavelet(args.get("wavelet", "coif1")).dec_len
-    levels = int(args.get("start_level", 0)) + int(args.get("level", 1))
-    return (taps - 1) * (2**levels - 1) + 1
-
-
 def _log_sigmas_mm(extractor: featureextractor.RadiomicsFeatureExtractor) -> tuple[float, ...]:
     custom = extractor.enabledImagetypes.get("LoG")
     if custom is None:
@@ -389,26 +384,13 @@ def _sitk_image(array: np.ndarray, spacing_zyx: tuple[float, float, float]) -> s
 def _crop_box(
     lesion: np.ndarray, margin_voxels: Sequence[int], min_extent: Sequence[int]
 ) -> tuple[slice, slice, slice]:
-    """The lesion's bounding box grown by ``margin_voxels``, and to ``min_extent`` where it allows.
-
-    Where the grown box reaches an edge of the image, it takes the whole axis: pyradiomics'
-    wavelet wraps each axis around (periodic extension), so a lesion near one edge sees the
-    voxels at the opposite edge, and only the whole axis gives it the same neighbours.
-    """
+    """The lesion's bounding box grown by ``margin_voxels`` (to the whole axis where it reaches
+    an edge, see :func:`~dicomnode.analyse.radiomics_engine.grow`) and to ``min_extent``."""
     box = []
     for axis, (pad, need) in enumerate(zip(margin_voxels, min_extent)):
-        others = tuple(a for a in range(3) if a != axis)
-        occupied = np.flatnonzero(lesion.any(axis=others))
-        size = lesion.shape[axis]
-        start, stop = occupied[0] - pad, occupied[-1] + 1 + pad
-        if start <= 0 or stop >= size:
-            start, stop = 0, size
-        missing = need - (stop - start)
-        if missing > 0:
-            start = max(0, start - (missing + 1) // 2)
-            stop = min(size, start + need)
-            start = max(0, stop - need)
-        box.append(slice(int(start), int(stop)))
+        occupied = np.flatnonzero(lesion.any(axis=tuple(a for a in range(3) if a != axis)))
+        start, stop = grow(int(occupied[0]), int(occupied[-1]), pad, lesion.shape[axis], need)
+        box.append(slice(start, stop))
     return (box[0], box[1], box[2])
 
 

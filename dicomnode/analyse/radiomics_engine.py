@@ -24,6 +24,7 @@ PURE: no disk access; worker processes receive arrays and return numbers.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import threading
@@ -32,12 +33,15 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import pywt
 import SimpleITK as sitk
+import threadpoolctl
 from radiomics import featureextractor, getFeatureClasses, imageoperations
 
+from dicomnode.analyse.mesh import FastShape, calibration
 from dicomnode.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -129,40 +133,108 @@ _CLASSES: dict[str, type] = {
 }
 
 
+#: A padding that reaches past any image's edge: :func:`grow` then keeps the whole axis.
+_WHOLE_AXIS = 2**31 - 1
+
+#: Image types whose filter runs in a worker, one task per sigma: a LoG needs the wide crop
+#: (16 sigmas around the lesion), costs as much as the features of its image, and gives one
+#: image. The other filters run in the calling process on the tightest crop they allow.
+_FILTERED_IN_WORKER = "LoG"
+
+
 @dataclass(frozen=True)
 class ImageTask:
-    """One derived image of one lesion, cropped to the mask's bounding box: what a worker
-    needs to compute its features (picklable)."""
+    """What a worker needs to compute a part of one lesion's features (picklable).
 
-    #: pyradiomics' image name (``original``, ``log-sigma-1-0-mm-3D``, ``wavelet-LLH``, ...),
-    #: or ``shape`` for the shape features of the original image.
+    ``kind`` says which part: ``"shape"`` (the shape classes, on the original image),
+    ``"image"`` (the texture classes of one image, named ``name``) or ``"filter"`` (apply the
+    pyradiomics image type ``name`` with ``settings``, then the texture classes of each image
+    it gives).
+    """
+
+    kind: Literal["shape", "image", "filter"]
     name: str
     image: np.ndarray
     mask: np.ndarray
+    #: The mask's bounding box in this array, as pyradiomics' ``checkMask`` gives it.
+    box: np.ndarray
     spacing_xyz: tuple[float, float, float]
     settings: Mapping[str, Any]
     #: Feature class name -> the listed features, or ``None`` for all non-deprecated ones.
     classes: Mapping[str, Sequence[str] | None]
+    #: Shape coefficients from :mod:`dicomnode.analyse.mesh` (linear time, within 1e-11)
+    #: rather than pyradiomics' pairwise C loop (bit-identical).
+    fast_shape: bool = True
 
 
-def compute_image(task: ImageTask) -> dict[str, float]:
+def compute(task: ImageTask) -> dict[str, float]:
     """The features of one :class:`ImageTask`, named as pyradiomics names them."""
     image = _image(task.image, task.spacing_xyz)
     mask = _image(task.mask, task.spacing_xyz)
-    settings = dict(task.settings)
-    if task.name == "shape":
-        prefix, classes = "original", task.classes
-    else:
-        prefix, classes = task.name, task.classes
-        settings[_SHARED] = {}
+    if task.kind == "shape":
+        classes = {**_CLASSES, "shape": FastShape} if task.fast_shape else _CLASSES
+        return _class_features(
+            "original", image, mask, task.box, task.settings, task.classes, classes
+        )
+    if task.kind == "image":
+        return _class_features(task.name, image, mask, task.box, task.settings, task.classes)
+    features: dict[str, float] = {}
+    derived = getattr(imageoperations, f"get{task.name}Image")(image, mask, **task.settings)
+    for derived_image, name, kwargs in derived:
+        features |= _class_features(name, derived_image, mask, task.box, kwargs, task.classes)
+    return features
+
+
+def _class_features(
+    prefix: str,
+    image: sitk.Image,
+    mask: sitk.Image,
+    box: np.ndarray,
+    settings: Mapping[str, Any],
+    classes: Mapping[str, Sequence[str] | None],
+    implementations: Mapping[str, type] = _CLASSES,
+) -> dict[str, float]:
+    """pyradiomics' ``computeFeatures`` (or ``computeShape``) on one image cropped to ``box``,
+    its texture classes sharing one discretisation."""
+    image, mask = imageoperations.cropToTumorMask(image, mask, box)
+    settings = {**settings, _SHARED: {}}
     features: dict[str, float] = {}
     for class_name, listed in classes.items():
-        feature_class = _CLASSES[class_name](image, mask, **settings)
+        feature_class = implementations[class_name](image, mask, **settings)
         for feature in listed or ():
             feature_class.enableFeatureByName(feature)
         for feature, value in feature_class.execute().items():
             features[f"{prefix}_{class_name}_{feature}"] = float(value)
     return features
+
+
+def wavelet_reach(settings: Mapping[str, Any]) -> int:
+    """How far (voxels) a wavelet coefficient sees, for pyradiomics' wavelet ``settings``: the
+    stationary transform's filter, dilated by 2 at each level up to the last one pyradiomics
+    computes, plus the voxel pyradiomics wraps onto an odd axis."""
+    taps = pywt.Wavelet(settings.get("wavelet", "coif1")).dec_len
+    levels = int(settings.get("start_level", 0)) + int(settings.get("level", 1))
+    return (taps - 1) * (2**levels - 1) + 1
+
+
+def grow(first: int, last: int, pad: int, size: int, need: int = 0) -> tuple[int, int]:
+    """The range ``[start, stop)`` of an axis of ``size`` voxels that keeps voxels ``first`` to
+    ``last`` with ``pad`` more on each side, and at least ``need`` voxels where the axis has
+    them.
+
+    Where the padded range goes past an end of the axis it takes the whole axis: pyradiomics'
+    wavelet wraps each axis around (periodic extension), so a voxel near one end sees the
+    voxels at the other, and only the whole axis gives it the same neighbours.
+    """
+    start, stop = first - pad, last + 1 + pad
+    if start < 0 or stop > size:
+        return 0, size
+    missing = need - (stop - start)
+    if missing > 0:
+        start = max(0, start - (missing + 1) // 2)
+        stop = min(size, start + need)
+        start = max(0, stop - need)
+    return int(start), int(stop)
 
 
 class ProtocolRunner:
@@ -175,6 +247,13 @@ class ProtocolRunner:
     workers:
         Worker processes for the images of a lesion; 1 computes everything in this process.
         The pool starts on first use (or :meth:`warm_up`) and lives until :meth:`close`.
+    fast_shape:
+        Shape coefficients in linear time (:mod:`dicomnode.analyse.mesh`, within 1e-11 of
+        pyradiomics) rather than by pyradiomics' pairwise loop (bit-identical, quadratic).
+    log_tail_sigmas:
+        Filter each LoG image on the lesion's bounding box grown by this many of its sigmas
+        (the recursive Gaussian's border effect decays as exp(-1.3 d / sigma)); ``None``
+        filters the whole image given, as pyradiomics does.
 
     Raises
     ------
@@ -183,7 +262,13 @@ class ProtocolRunner:
         ``binCount``) or names a feature class pyradiomics does not have.
     """
 
-    def __init__(self, extractor: featureextractor.RadiomicsFeatureExtractor, workers: int = 1):
+    def __init__(
+        self,
+        extractor: featureextractor.RadiomicsFeatureExtractor,
+        workers: int = 1,
+        log_tail_sigmas: float | None = None,
+        fast_shape: bool = True,
+    ):
         settings = extractor.settings
         if settings.get("binCount") is not None:
             raise ModelError("binCount is not supported: dicomnode's protocols bin by width")
@@ -192,6 +277,8 @@ class ProtocolRunner:
             raise ModelError(f"unknown pyradiomics feature classes: {', '.join(unknown)}")
         self.extractor = extractor
         self.workers = max(1, int(workers))
+        self.log_tail_sigmas = log_tail_sigmas
+        self.fast_shape = fast_shape
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -202,7 +289,7 @@ class ProtocolRunner:
         """
         tasks = self._tasks(image, mask)
         if self.workers == 1:
-            parts = [compute_image(task) for task in tasks]
+            parts = [compute(task) for task in tasks]
         else:
             futures = [self._submit(task) for task in tasks]
             parts = [self._result(future) for future in futures]
@@ -228,10 +315,10 @@ class ProtocolRunner:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _tasks(self, image: sitk.Image, mask: sitk.Image) -> Iterator[ImageTask]:
-        """pyradiomics' ``execute``, segment-based, as a stream of per-image tasks.
+        """pyradiomics' ``execute``, segment-based, as a stream of tasks, longest first.
 
-        A generator: the first images are computed by the workers while this process still
-        filters the next ones.
+        A generator: workers compute the first tasks while this process still filters the
+        images of the next ones.
         """
         settings = self.extractor.settings.copy()
         enabled = self.extractor.enabledFeatures
@@ -247,37 +334,35 @@ class ProtocolRunner:
             mask = resegmented
         shape = {name: listed for name, listed in enabled.items() if name == "shape"}
         if shape:
-            yield self._task("shape", image, mask, box, settings, shape)
+            cut = _cropped(image, mask, box, (0, 0, 0))
+            yield _task("shape", "shape", *cut, settings, shape, fast_shape=self.fast_shape)
         if resegmented is not None:
             mask = resegmented
         texture = {name: listed for name, listed in enabled.items() if not name.startswith("shape")}
         for image_type, custom in self.extractor.enabledImagetypes.items():
             args = {**settings, **custom}
-            derived = getattr(imageoperations, f"get{image_type}Image")(image, mask, **args)
+            if image_type == _FILTERED_IN_WORKER:
+                for sigma in args.get("sigma", []):
+                    part = {**args, "sigma": [sigma]}
+                    cut = _cropped(image, mask, box, self._log_reach(sigma, image.GetSpacing()))
+                    yield _task("filter", image_type, *cut, part, texture)
+                continue
+            reach = wavelet_reach(args) if image_type == "Wavelet" else 0
+            source, source_mask, source_box = _cropped(image, mask, box, (reach,) * 3)
+            derived = getattr(imageoperations, f"get{image_type}Image")(source, source_mask, **args)
             for derived_image, name, kwargs in derived:
-                yield self._task(name, derived_image, mask, box, kwargs, texture)
+                part = _cropped(derived_image, source_mask, source_box, (0, 0, 0))
+                yield _task("image", name, *part, kwargs, texture)
 
-    @staticmethod
-    def _task(
-        name: str,
-        image: sitk.Image,
-        mask: sitk.Image,
-        box: np.ndarray,
-        settings: Mapping[str, Any],
-        classes: Mapping[str, Sequence[str] | None],
-    ) -> ImageTask:
-        image, mask = imageoperations.cropToTumorMask(image, mask, box)
-        return ImageTask(
-            name=name,
-            image=sitk.GetArrayFromImage(image),
-            mask=sitk.GetArrayFromImage(mask),
-            spacing_xyz=tuple(image.GetSpacing()),  # type: ignore[arg-type]
-            settings=settings,
-            classes=classes,
-        )
+    def _log_reach(self, sigma: float, spacing_xyz: Sequence[float]) -> tuple[int, int, int]:
+        """Voxels kept around the lesion for a LoG of ``sigma`` mm, per axis ``(x, y, z)``."""
+        if self.log_tail_sigmas is None:
+            return (_WHOLE_AXIS,) * 3
+        reach = [math.ceil(self.log_tail_sigmas * sigma / step) for step in spacing_xyz]
+        return (reach[0], reach[1], reach[2])
 
     def _submit(self, task: ImageTask) -> Future:
-        return self._submit_call(compute_image, task)
+        return self._submit_call(compute, task)
 
     def _submit_call(self, function: Any, *args: Any) -> Future:
         with self._lock:
@@ -288,7 +373,8 @@ class ProtocolRunner:
                 self._pool = ProcessPoolExecutor(
                     max_workers=self.workers,
                     mp_context=context,
-                    initializer=_quiet_worker,
+                    initializer=_start_worker,
+                    initargs=(self.fast_shape,),
                 )
             return self._pool.submit(function, *args)
 
@@ -304,10 +390,50 @@ class ProtocolRunner:
             ) from None
 
 
-def _quiet_worker() -> None:
+def _task(
+    kind: Literal["shape", "image", "filter"],
+    name: str,
+    image: sitk.Image,
+    mask: sitk.Image,
+    box: np.ndarray,
+    settings: Mapping[str, Any],
+    classes: Mapping[str, Sequence[str] | None],
+    fast_shape: bool = True,
+) -> ImageTask:
+    return ImageTask(
+        kind=kind,
+        name=name,
+        image=sitk.GetArrayFromImage(image),
+        mask=sitk.GetArrayFromImage(mask),
+        box=box,
+        spacing_xyz=tuple(image.GetSpacing()),  # type: ignore[arg-type]
+        settings=settings,
+        classes=classes,
+        fast_shape=fast_shape,
+    )
+
+
+def _cropped(
+    image: sitk.Image, mask: sitk.Image, box: np.ndarray, pad_xyz: Sequence[int]
+) -> tuple[sitk.Image, sitk.Image, np.ndarray]:
+    """Image and mask cut to the bounding box ``box`` grown by ``pad_xyz`` voxels (see
+    :func:`grow`), and the box in the cut images' coordinates."""
+    size = image.GetSize()
+    ranges = [grow(box[2 * a], box[2 * a + 1], pad_xyz[a], size[a]) for a in range(3)]
+    cut = tuple(slice(start, stop) for start, stop in ranges)
+    offset = np.repeat([start for start, _ in ranges], 2)
+    return image[cut], mask[cut], box - offset
+
+
+def _start_worker(fast_shape: bool) -> None:
+    """A worker: quiet pyradiomics, one BLAS thread (the pool is the parallelism), and the
+    shape calibration done now, while the node is still busy with other things."""
     from dicomnode.analyse.radiomics import quiet_pyradiomics
 
     quiet_pyradiomics()
+    threadpoolctl.threadpool_limits(1)
+    if fast_shape:
+        calibration()
 
 
 def _image(array: np.ndarray, spacing_xyz: tuple[float, float, float]) -> sitk.Image:

@@ -85,14 +85,16 @@ def test_check_mask_matches_pyradiomics(voxels, settings) -> None:
         assert check_mask(mask, settings).tolist() == list(expected)
 
 
+def pyradiomics_features(extractor, image, mask) -> dict[str, float]:
+    raw = extractor.execute(image, mask)
+    return {k: float(v) for k, v in raw.items() if not k.startswith("diagnostics_")}
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_runner_is_bit_identical_to_pyradiomics(pyradiomics_extractor, workers: int) -> None:
     image, mask = lesion_case()
-    expected = {
-        k: float(v) for k, v in pyradiomics_extractor.execute(image, mask).items()
-        if not k.startswith("diagnostics_")
-    }
-    runner = ProtocolRunner(pyradiomics_extractor, workers=workers)
+    expected = pyradiomics_features(pyradiomics_extractor, image, mask)
+    runner = ProtocolRunner(pyradiomics_extractor, workers=workers, fast_shape=False)
     try:
         got = runner.execute(image, mask)
         if workers > 1:
@@ -103,6 +105,23 @@ def test_runner_is_bit_identical_to_pyradiomics(pyradiomics_extractor, workers: 
     assert got.keys() == expected.keys()
     differ = [k for k in expected if got[k] != expected[k] and not np.isnan(expected[k])]
     assert differ == []
+
+
+def test_fast_shape_changes_only_mesh_surface_and_volume_features(pyradiomics_extractor) -> None:
+    image, mask = lesion_case(seed=4)
+    expected = pyradiomics_features(pyradiomics_extractor, image, mask)
+    got = ProtocolRunner(pyradiomics_extractor).execute(image, mask)
+    differ = {k for k in expected if got[k] != expected[k]}
+    # Diameters, axis lengths and voxel volume are pyradiomics' bits; the mesh's surface and
+    # volume (and the ratios made of them) are sums in another order.
+    assert differ <= {
+        f"original_shape_{name}" for name in (
+            "MeshVolume", "SurfaceArea", "SurfaceVolumeRatio", "Sphericity", "Compactness1",
+            "Compactness2", "SphericalDisproportion",
+        )
+    }
+    for name in differ:
+        assert got[name] == pytest.approx(expected[name], rel=1e-10), name
 
 
 def test_runner_refuses_what_pyradiomics_refuses(pyradiomics_extractor) -> None:
