@@ -22,7 +22,9 @@ import numpy as np
 import radiomics
 
 from dicomnode import __version__
+from dicomnode.analyse import mesh as mesh_module
 from dicomnode.analyse import radiomics as radiomics_module
+from dicomnode.analyse import radiomics_engine as engine_module
 from dicomnode.analyse import regional as regional_module
 from dicomnode.analyse.radiomics import RadiomicsExtractor
 from dicomnode.analyse.regional import RegionalExtractor
@@ -60,7 +62,8 @@ class Measurer:
         features are keyed by it.
         """
         code = hashlib.sha256()
-        for module in (radiomics_module, regional_module, sys.modules[__name__]):
+        for module in (radiomics_module, engine_module, mesh_module, regional_module,
+                       sys.modules[__name__]):
             code.update(Path(module.__file__).read_bytes())
         settings = {
             "code_sha256": code.hexdigest(),

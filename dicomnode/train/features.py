@@ -22,6 +22,7 @@ again. Failed rows are not cached: they are tried again on the next run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -226,7 +227,9 @@ def _start_pool_worker(job: _Job) -> None:
     # handing out rows), while a worker finishes its row instead of dying mid-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
-    _start_worker(job)
+    # The rows are the parallelism here: no pool of radiomics processes per worker as well.
+    radiomics = dataclasses.replace(job.config.radiomics, workers=1)
+    _start_worker(dataclasses.replace(job, config=dataclasses.replace(job.config, radiomics=radiomics)))
 
 
 def _exit_with_parent(poll_seconds: float = 1.0) -> None:
