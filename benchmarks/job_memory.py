@@ -11,12 +11,23 @@ the models are loaded (and its peak while loading them), its peak by the end of 
 state. A process per job means every peak is
 that job's alone.
 
+The node does not work alone: radiomics computes a lesion's images in worker processes
+(``[radiomics] workers``, one per core by default, forked from a forkserver). They are
+counted too: the whole tree's memory, the job process's resident memory plus the
+proportional set size (``Pss``: a page shared by n processes counts 1/n in each, so the
+workers' pages inherited from the forkserver count once) of every descendant, is sampled
+every 50 ms, and the helpers' own peaks (``VmHWM``, while they still run at the end of the
+job) are printed beside the node's.
+
 Series: synthetic CTs from :mod:`dicomnode.phantom` in the sizes given, and a real sarcoma
 patient of ``../shared/data/sts_cohort`` (JPEG-LS) when it is there.
 
+``--smoke``: one small phantom (32 x 256 x 256, where the U-Net finds a lesion, so radiomics
+and its workers run too) and no real patient, for CI (about half a minute).
+
 Usage (from the project root)::
 
-    python3 benchmarks/job_memory.py [--sizes 64x256x256 160x512x512 320x512x512]
+    python3 benchmarks/job_memory.py [--sizes 64x256x256 160x512x512 320x512x512] [--smoke]
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,6 +71,66 @@ def resident_mb(field: str = "VmRSS") -> float:
 
 def peak_mb() -> float:
     return resident_mb("VmHWM")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of process ``pid`` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def process_mb(pid: int, field: str, file: str = "status") -> float:
+    """``VmRSS`` or ``VmHWM`` (``status``) or ``Pss`` (``smaps_rollup``) of another process
+    in MB; 0 when it has gone."""
+    try:
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class TreeSampler(threading.Thread):
+    """Samples this process's resident memory plus its descendants' proportional set sizes
+    every ``interval`` seconds; ``peak`` is the largest sum since the last :meth:`reset`."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.helpers = interval, 0.0, 0
+        self._done = threading.Event()
+
+    def sample(self) -> float:
+        pids = descendants(os.getpid())
+        self.helpers = max(self.helpers, len(pids))
+        total = resident_mb() + sum(process_mb(pid, "Pss", "smaps_rollup") for pid in pids)
+        self.peak = max(self.peak, total)
+        return total
+
+    def reset(self) -> float:
+        self.peak = 0.0
+        return self.sample()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        self.sample()
+        return self.peak
 
 
 def spool_series(datasets, spool: Path) -> None:
@@ -98,20 +170,32 @@ def run_one_job(data_dir: Path) -> dict:
     (job,) = runner.take_complete_series()
     voxels = sum(int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1)
                  for ds in read_headers(job.inputs))
+    sampler = TreeSampler()
+    tree_loaded = sampler.reset()
+    sampler.start()
     started = time.perf_counter()
     job = runner.work_once()
+    seconds = time.perf_counter() - started
+    helpers = descendants(os.getpid())
+    helper_peaks = [process_mb(pid, "VmHWM") for pid in helpers]
+    tree_peak = max(sampler.stop(), peak_mb())  # samples can miss the node's own peak
     return {
         "rss_loaded_mb": loaded,
         "loading_peak_mb": loading_peak,
         "peak_mb": peak_mb(),
-        "seconds": time.perf_counter() - started,
+        "tree_loaded_mb": tree_loaded,
+        "tree_peak_mb": tree_peak,
+        "helpers": max(len(helpers), sampler.helpers),
+        "helper_peaks_mb": helper_peaks,
+        "seconds": seconds,
         "state": job.state.value,
         "reason": job.reason,
         "voxels": voxels,
     }
 
 
-def measure(name: str, spool_it) -> None:
+def measure(name: str, spool_it) -> bool:
+    """Run one job in a child process and print its line; whether the child succeeded."""
     with tempfile.TemporaryDirectory(prefix="job-memory-") as tmp:
         data_dir = Path(tmp)
         spool_it(data_dir / "spool")
@@ -119,13 +203,18 @@ def measure(name: str, spool_it) -> None:
                                capture_output=True, text=True, env={**os.environ})
         if child.returncode != 0:
             print(f"{name}: the job process failed:\n{child.stderr[-2000:]}")
-            return
+            return False
         r = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"{name:<26} {r['voxels'] / 1e6:6.1f} Mvoxels"
           f" | models loaded {r['rss_loaded_mb']:5.0f} MB"
           f" (peak while loading {r['loading_peak_mb']:5.0f}) | peak during the job"
           f" {r['peak_mb']:5.0f} MB, job +{r['peak_mb'] - r['rss_loaded_mb']:5.0f} MB"
+          f" | {r['helpers']} helper processes, peaks"
+          f" {' + '.join(f'{m:.0f}' for m in r['helper_peaks_mb']) or '0'} MB"
+          f" | whole tree peak {r['tree_peak_mb']:5.0f} MB (sampled),"
+          f" job +{r['tree_peak_mb'] - r['tree_loaded_mb']:5.0f} MB"
           f" | {r['seconds']:5.1f} s, {r['state']}: {r['reason']}")
+    return True
 
 
 def main() -> None:
@@ -134,17 +223,24 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["64x256x256", "160x512x512",
                                                        "320x512x512"],
                         help="synthetic CTs as SLICESxROWSxCOLUMNS")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one small phantom only: checks that the benchmark runs")
     parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)  # the child's side
     args = parser.parse_args()
     if args.job:
         print(json.dumps(run_one_job(args.job)))
         return
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; one process per job")
-    for size in args.sizes:
+    sizes = ["32x256x256"] if args.smoke else args.sizes
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; one process per job"
+          f"{' (smoke)' if args.smoke else ''}")
+    ok = True
+    for size in sizes:
         shape = tuple(int(n) for n in size.split("x"))
-        measure(f"phantom {size}", lambda spool, shape=shape: spool_phantom(shape, spool))
-    if REAL[1].is_dir():
-        measure(REAL[0], lambda spool: spool_real(REAL[1], spool))
+        ok &= measure(f"phantom {size}", lambda spool, shape=shape: spool_phantom(shape, spool))
+    if REAL[1].is_dir() and not args.smoke:
+        ok &= measure(REAL[0], lambda spool: spool_real(REAL[1], spool))
+    if not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@
    DICOMweb cohort and prints its weights' SHA-256 beside the shipped model's: the same seed,
    device and thread count give the same weights only if the PACS gave the same data.
 
+``--smoke``: the first case only, without training, for CI (seconds).
+
 Usage (from the project root)::
 
-    python3 benchmarks/pacs_cohort.py [--train /tmp/model-from-pacs]
+    python3 benchmarks/pacs_cohort.py [--train /tmp/model-from-pacs] [--smoke]
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from orthanc import Orthanc  # noqa: E402
 COHORT = ROOT.parent / "shared" / "data" / "sts_cohort" / "cohort.csv"
 
 
-def upload(pacs: Orthanc, cohort: Path) -> list[str]:
-    """POST every case's files; returns the dicomweb cohort rows."""
+def upload(pacs: Orthanc, cohort: Path, limit: int | None = None) -> list[str]:
+    """POST every case's files (the first ``limit`` cases); returns the dicomweb cohort rows."""
     rows = ["case_id,image,mask,roi"]
-    for row in read_cohort(cohort):
+    for row in read_cohort(cohort)[:limit]:
         image, mask = cohort.parent / row.image, cohort.parent / row.mask
         files = [*sorted(image.iterdir()), mask]
         for path in files:
@@ -55,13 +57,17 @@ def upload(pacs: Orthanc, cohort: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=Path, help="also train the shipped recipe into this folder")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the first case only, no training: checks that the benchmark runs")
     args = parser.parse_args()
+    if args.smoke and args.train:
+        parser.error("--smoke does not train")
     with tempfile.TemporaryDirectory() as work:
         pacs = Orthanc(Path(work) / "orthanc").start()
         try:
             started = time.perf_counter()
-            rows = upload(pacs, COHORT)
-            print(f"uploaded {len(rows) - 1} cases in {time.perf_counter() - started:.0f} s")
+            rows = upload(pacs, COHORT, limit=1 if args.smoke else None)
+            print(f"uploaded {len(rows) - 1} cases in {time.perf_counter() - started:.1f} s")
             remote_csv = Path(work) / "pacs-cohort.csv"
             remote_csv.write_text("\n".join(rows) + "\n", encoding="utf-8")
             source = DicomwebSource.from_url(pacs.dicomweb_url)
@@ -76,7 +82,7 @@ def main() -> int:
                       f"({remote.hu.shape[0]} slices)")
                 if not same:
                     return 1
-            print(f"loaded every case through DICOMweb in {time.perf_counter() - started:.0f} s; "
+            print(f"loaded every case through DICOMweb in {time.perf_counter() - started:.1f} s; "
                   "all identical to the local files")
             if args.train:
                 from dicomnode.analyse.segment import sha256_of
