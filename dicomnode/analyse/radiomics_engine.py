@@ -154,7 +154,10 @@ class ImageTask:
 
     kind: Literal["shape", "image", "filter"]
     name: str
+    #: The image, as small an integer type as holds its values exactly (see :func:`_compact`);
+    #: :attr:`image_dtype` is its own type.
     image: np.ndarray
+    image_dtype: str
     mask: np.ndarray
     #: The mask's bounding box in this array, as pyradiomics' ``checkMask`` gives it.
     box: np.ndarray
@@ -169,7 +172,7 @@ class ImageTask:
 
 def compute(task: ImageTask) -> dict[str, float]:
     """The features of one :class:`ImageTask`, named as pyradiomics names them."""
-    image = _image(task.image, task.spacing_xyz)
+    image = _image(task.image.astype(task.image_dtype, copy=False), task.spacing_xyz)
     mask = _image(task.mask, task.spacing_xyz)
     if task.kind == "shape":
         classes = {**_CLASSES, "shape": FastShape} if task.fast_shape else _CLASSES
@@ -333,26 +336,35 @@ class ProtocolRunner:
         if settings.get("resegmentShape", False) and resegmented is not None:
             mask = resegmented
         shape = {name: listed for name, listed in enabled.items() if name == "shape"}
+        shape_task = None
         if shape:
-            cut = _cropped(image, mask, box, (0, 0, 0))
-            yield _task("shape", "shape", *cut, settings, shape, fast_shape=self.fast_shape)
+            shape_task = _task(
+                "shape", "shape", image, mask, box, (0, 0, 0), settings, shape, self.fast_shape
+            )
         if resegmented is not None:
             mask = resegmented
         texture = {name: listed for name, listed in enabled.items() if not name.startswith("shape")}
-        for image_type, custom in self.extractor.enabledImagetypes.items():
-            args = {**settings, **custom}
+        image_types = self.extractor.enabledImagetypes
+        # Longest first: the LoG images (widest sigma first), whose filters run in the workers.
+        if _FILTERED_IN_WORKER in image_types:
+            args = {**settings, **image_types[_FILTERED_IN_WORKER]}
+            for sigma in sorted(args.get("sigma", []), reverse=True):
+                part = {**args, "sigma": [sigma]}
+                reach = self._log_reach(sigma, image.GetSpacing())
+                yield _task("filter", _FILTERED_IN_WORKER, image, mask, box, reach, part, texture)
+        if shape_task is not None:
+            yield shape_task
+        for image_type, custom in image_types.items():
             if image_type == _FILTERED_IN_WORKER:
-                for sigma in args.get("sigma", []):
-                    part = {**args, "sigma": [sigma]}
-                    cut = _cropped(image, mask, box, self._log_reach(sigma, image.GetSpacing()))
-                    yield _task("filter", image_type, *cut, part, texture)
                 continue
+            args = {**settings, **custom}
             reach = wavelet_reach(args) if image_type == "Wavelet" else 0
             source, source_mask, source_box = _cropped(image, mask, box, (reach,) * 3)
             derived = getattr(imageoperations, f"get{image_type}Image")(source, source_mask, **args)
             for derived_image, name, kwargs in derived:
-                part = _cropped(derived_image, source_mask, source_box, (0, 0, 0))
-                yield _task("image", name, *part, kwargs, texture)
+                yield _task(
+                    "image", name, derived_image, source_mask, source_box, (0, 0, 0), kwargs, texture
+                )
 
     def _log_reach(self, sigma: float, spacing_xyz: Sequence[float]) -> tuple[int, int, int]:
         """Voxels kept around the lesion for a LoG of ``sigma`` mm, per axis ``(x, y, z)``."""
@@ -396,16 +408,22 @@ def _task(
     image: sitk.Image,
     mask: sitk.Image,
     box: np.ndarray,
+    pad_xyz: Sequence[int],
     settings: Mapping[str, Any],
     classes: Mapping[str, Sequence[str] | None],
     fast_shape: bool = True,
 ) -> ImageTask:
+    """A task on ``image`` and ``mask`` cut to ``box`` grown by ``pad_xyz`` (numpy views, then
+    one compact copy)."""
+    cut, offset = _cut(box, pad_xyz, image.GetSize())
+    array = sitk.GetArrayViewFromImage(image)[cut]
     return ImageTask(
         kind=kind,
         name=name,
-        image=sitk.GetArrayFromImage(image),
-        mask=sitk.GetArrayFromImage(mask),
-        box=box,
+        image=_compact(array),
+        image_dtype=array.dtype.str,
+        mask=_compact(sitk.GetArrayViewFromImage(mask)[cut]),
+        box=box - offset,
         spacing_xyz=tuple(image.GetSpacing()),  # type: ignore[arg-type]
         settings=settings,
         classes=classes,
@@ -413,16 +431,37 @@ def _task(
     )
 
 
+def _cut(
+    box: np.ndarray, pad_xyz: Sequence[int], size_xyz: Sequence[int]
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """The ``(z, y, x)`` slices of ``box`` grown by ``pad_xyz`` (see :func:`grow`), and the
+    offset that moves ``box`` into the cut."""
+    ranges = [grow(box[2 * a], box[2 * a + 1], pad_xyz[a], size_xyz[a]) for a in range(3)]
+    (x0, x1), (y0, y1), (z0, z1) = ranges
+    return (slice(z0, z1), slice(y0, y1), slice(x0, x1)), np.repeat([x0, y0, z0], 2)
+
+
+def _compact(array: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` (which may be a view of a SimpleITK image's memory), as uint8 or
+    int16 where that type holds every value exactly (a mask, the HU of a CT): a quarter or
+    less of the bytes to send to a worker, and the same numbers back."""
+    if array.size:
+        low, high = array.min(), array.max()  # NaN compares false: kept as it is
+        for kind in (np.uint8, np.int16):
+            limits = np.iinfo(kind)
+            if array.dtype.itemsize > limits.bits // 8 and limits.min <= low and high <= limits.max:
+                small = array.astype(kind)
+                if np.array_equal(small, array):
+                    return small
+    return array.copy()
+
+
 def _cropped(
     image: sitk.Image, mask: sitk.Image, box: np.ndarray, pad_xyz: Sequence[int]
 ) -> tuple[sitk.Image, sitk.Image, np.ndarray]:
-    """Image and mask cut to the bounding box ``box`` grown by ``pad_xyz`` voxels (see
-    :func:`grow`), and the box in the cut images' coordinates."""
-    size = image.GetSize()
-    ranges = [grow(box[2 * a], box[2 * a + 1], pad_xyz[a], size[a]) for a in range(3)]
-    cut = tuple(slice(start, stop) for start, stop in ranges)
-    offset = np.repeat([start for start, _ in ranges], 2)
-    return image[cut], mask[cut], box - offset
+    """Image and mask cut as :func:`_cut` cuts them, as SimpleITK images (for a filter)."""
+    (z, y, x), offset = _cut(box, pad_xyz, image.GetSize())
+    return image[x, y, z], mask[x, y, z], box - offset
 
 
 def _start_worker(fast_shape: bool) -> None:
