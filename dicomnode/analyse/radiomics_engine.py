@@ -172,7 +172,7 @@ class ImageTask:
 
 def compute(task: ImageTask) -> dict[str, float]:
     """The features of one :class:`ImageTask`, named as pyradiomics names them."""
-    image = _image(task.image.astype(task.image_dtype, copy=False), task.spacing_xyz)
+    image = _image(task.image, task.spacing_xyz, task.image_dtype)
     mask = _image(task.mask, task.spacing_xyz)
     if task.kind == "shape":
         classes = {**_CLASSES, "shape": FastShape} if task.fast_shape else _CLASSES
@@ -465,17 +465,32 @@ def _cropped(
 
 
 def _start_worker(fast_shape: bool) -> None:
-    """A worker: quiet pyradiomics, one BLAS thread (the pool is the parallelism), and the
-    shape calibration done now, while the node is still busy with other things."""
+    """A worker: quiet pyradiomics, one BLAS and one ITK thread (the pool is the parallelism),
+    and the shape calibration done now, while the node is still busy with other things."""
     from dicomnode.analyse.radiomics import quiet_pyradiomics
 
     quiet_pyradiomics()
     threadpoolctl.threadpool_limits(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     if fast_shape:
         calibration()
 
 
-def _image(array: np.ndarray, spacing_xyz: tuple[float, float, float]) -> sitk.Image:
+#: SimpleITK's pixel type for a compacted image's own type (see :func:`_compact`).
+_PIXEL_TYPES = {np.dtype(np.float64).str: sitk.sitkFloat64, np.dtype(np.float32).str: sitk.sitkFloat32}
+
+
+def _image(
+    array: np.ndarray, spacing_xyz: tuple[float, float, float], dtype: str | None = None
+) -> sitk.Image:
+    """A SimpleITK image of ``array`` in the type ``dtype``: cast by SimpleITK, which spares a
+    full-size numpy copy of a large LoG crop."""
     image = sitk.GetImageFromArray(array)
+    if dtype is not None and np.dtype(dtype) != array.dtype:
+        pixel_type = _PIXEL_TYPES.get(np.dtype(dtype).str)
+        if pixel_type is None:
+            image = sitk.GetImageFromArray(array.astype(dtype))
+        else:
+            image = sitk.Cast(image, pixel_type)
     image.SetSpacing(spacing_xyz)
     return image
