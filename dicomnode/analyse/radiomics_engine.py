@@ -23,11 +23,14 @@ PURE: no disk access; worker processes receive arrays and return numbers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
 import os
+import sys
 import threading
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -307,8 +310,10 @@ class ProtocolRunner:
     def worker_pids(self) -> tuple[int, ...]:
         """Process ids of the running workers (none before the first use)."""
         with self._lock:
-            processes = getattr(self._pool, "_processes", None) or {}
-            return tuple(processes)
+            return self.worker_pids_locked()
+
+    def worker_pids_locked(self) -> tuple[int, ...]:
+        return tuple(getattr(self._pool, "_processes", None) or {})
 
     def close(self) -> None:
         """Stop the worker processes (a later :meth:`execute` starts new ones)."""
@@ -388,7 +393,10 @@ class ProtocolRunner:
                     initializer=_start_worker,
                     initargs=(self.fast_shape,),
                 )
-            return self._pool.submit(function, *args)
+            if len(self.worker_pids_locked()) >= self.workers:
+                return self._pool.submit(function, *args)
+            with _without_main_module():  # this submit may start a worker
+                return self._pool.submit(function, *args)
 
     def _result(self, future: Future) -> dict[str, float]:
         try:
@@ -462,6 +470,23 @@ def _cropped(
     """Image and mask cut as :func:`_cut` cuts them, as SimpleITK images (for a filter)."""
     (z, y, x), offset = _cut(box, pad_xyz, image.GetSize())
     return image[x, y, z], mask[x, y, z], box - offset
+
+
+@contextlib.contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Start processes that do not import this process's main module.
+
+    multiprocessing's forkserver (and spawn) makes every new process import the parent's
+    ``__main__`` (the ``dicomnode`` command, which imports torch and every model's code:
+    about 320 MB per worker that a worker never uses). A worker needs only this module, so
+    while a worker is started ``__main__`` is an empty module.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _start_worker(fast_shape: bool) -> None:
