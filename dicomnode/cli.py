@@ -305,7 +305,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(json.dumps([
             {"id": j.id, "state": j.state.value, "reason": j.reason, "study_uid": j.key.study_uid,
              "series_uid": j.key.series_uid, "instances": len(j.inputs), "attempts": j.attempts,
-             "analysis_starts": j.analysis_starts,
+             "analysis_starts": j.analysis_starts, "seconds": dict(j.seconds),
              "warnings": list(j.warnings), "created_at": j.created_at, "updated_at": j.updated_at}
             for j in jobs
         ], indent=2))
@@ -316,6 +316,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.updated_at))
         print(f"{j.id}  {j.state.value:<10}  {when}  {len(j.inputs):>4} inst  series …{j.key.series_uid[-12:]}  {j.reason}")
         if args.verbose:
+            if j.seconds:
+                print("      seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in j.seconds.items()))
             for e in store.journal(j.id):
                 t = time.strftime("%H:%M:%S", time.localtime(e.at))
                 print(f"      {t} {e.from_state or '-'} -> {e.to_state}: {e.reason}")

@@ -155,20 +155,25 @@ class Runner:
         now = self.clock()
         created = []
         pending = self.index.pending_series()
+        taken: set[SeriesKey] = set()  # contours a CT's job took earlier in this turn
         for state in pending:
+            if state.key in taken:
+                continue
             verdict = evaluate(state, now, self.config.completion)
             if not verdict.ready:
                 continue
             if self._is_segmentation(state.key):
                 job = self._take_supplied(state, now)
             else:
-                job = self._take_ct(state, verdict, pending, now)
+                job = self._take_ct(state, verdict, pending, now, taken)
             if job is not None:
                 created.append(job)
         return created
 
     def _take_ct(self, state: SeriesState, verdict: Verdict, pending: Sequence[SeriesState],
-                 now: float) -> Job | None:
+                 now: float, taken: set[SeriesKey]) -> Job | None:
+        """A job for a complete CT series, with the contours drawn on it that are here (their
+        series are added to ``taken``: they make no job of their own)."""
         paths = self.index.instance_paths(state.key)
         supplied: list[SeriesState] = []
         if self.config.segmentation.source != "model":
@@ -182,6 +187,7 @@ class Runner:
         inputs = [*paths, *(p for s in supplied for p in self.index.instance_paths(s.key))]
         warnings = (verdict.warning,) if verdict.warning else ()
         job = self._job_for(state, inputs, warnings, now)
+        taken.update(s.key for s in supplied)
         self.index.mark_taken(state.key, len(paths))
         for s in supplied:
             self.index.mark_taken(s.key, s.instance_count)
@@ -278,32 +284,39 @@ class Runner:
 
     def _analyse(self, job: Job) -> Job:
         job = self._move(job, JobEvent.START, "analysing")  # counts the start, durably
+        seconds: dict[str, float] = {}  # stage timings of this attempt, kept with the job
         try:
-            outcome = self._run_pipeline(job)
+            outcome = self._run_pipeline(job, seconds)
+            started = time.perf_counter()
             self._save(job, outcome)
+            seconds["save"] = time.perf_counter() - started
         except StorageFailure as exc:
-            return self._storage_failed(job, exc)
+            return self._storage_failed(job, exc, seconds)
         except DicomNodeError as exc:
             log.error("job %s failed: %s", job.id, exc)
-            return self._move(job, JobEvent.PERMANENT_FAILURE, str(exc))
+            return self._move(job, JobEvent.PERMANENT_FAILURE, str(exc), seconds=seconds)
         except Exception as exc:  # the job, not the node, fails on a bug; inputs are kept
             log.exception("job %s failed with an internal error", job.id)
             return self._move(
-                job, JobEvent.PERMANENT_FAILURE, f"internal error: {type(exc).__name__}: {exc}"
+                job, JobEvent.PERMANENT_FAILURE, f"internal error: {type(exc).__name__}: {exc}",
+                seconds=seconds,
             )
         lesions = len(outcome.analysis.segmentation.lesions)
         return self._move(
             job, JobEvent.REPORTED, f"{lesions} lesion(s) reported",
-            warnings=tuple(outcome.analysis.warnings) or job.warnings,
+            warnings=tuple(outcome.analysis.warnings) or job.warnings, seconds=seconds,
         )
 
-    def _run_pipeline(self, job: Job) -> Outcome:
-        """Check the size of the job's series from its headers, then read and analyse it."""
+    def _run_pipeline(self, job: Job, seconds: dict[str, float]) -> Outcome:
+        """Check the size of the job's series from its headers, then read and analyse it;
+        the time of each stage goes into ``seconds``."""
+        started = time.perf_counter()
         check_volume_size(read_headers(job.inputs), self.config.jobs.max_voxels)
         datasets = read_inputs(job.inputs)
+        seconds["read"] = time.perf_counter() - started
         ct = [ds for ds in datasets if not is_segmentation(ds)]
         supplied = len(ct) < len(datasets)
-        return self.pipeline.run(
+        outcome = self.pipeline.run(
             datasets,
             uid_seed=job.id,
             # A supplied segmentation's job is keyed by its own series; the CT is analysed.
@@ -312,6 +325,8 @@ class Runner:
             progress=lambda stage: log.info("job %s: %s", job.id, stage),
             predecessors=self._earlier_reports(job, ct) if supplied else (),
         )
+        seconds.update(outcome.seconds)
+        return outcome
 
     def _save(self, job: Job, outcome: Outcome) -> None:
         """Write the job's results into a clean folder (an interrupted earlier attempt may
@@ -333,7 +348,8 @@ class Runner:
         except OSError as exc:
             log.warning("cannot remove the partial result %s: %s", folder, exc.strerror or exc)
 
-    def _storage_failed(self, job: Job, failure: StorageFailure) -> Job:
+    def _storage_failed(self, job: Job, failure: StorageFailure,
+                        seconds: dict[str, float] | None = None) -> Job:
         """RETRY_WAIT with the backoff while waiting can help and the analysis may start
         again (``jobs.max_attempts``); FAILED otherwise, with the reason."""
         limit = self.config.jobs.max_attempts
@@ -341,13 +357,13 @@ class Runner:
             delay = self.backoff.delay(job.analysis_starts)
             log.warning("job %s: %s; the analysis runs again in %.0f s", job.id, failure, delay)
             return self._move(job, JobEvent.TEMPORARY_FAILURE, str(failure),
-                              next_attempt_at=self.clock() + delay)
+                              next_attempt_at=self.clock() + delay, seconds=seconds)
         reason = str(failure)
         if failure.retryable:
             reason += (f" (analysis started {job.analysis_starts} times, jobs.max_attempts = "
                        f"{limit}); `dicomnode retry` runs it again")
         log.error("job %s failed: %s", job.id, reason)
-        return self._move(job, JobEvent.PERMANENT_FAILURE, reason)
+        return self._move(job, JobEvent.PERMANENT_FAILURE, reason, seconds=seconds)
 
     def _earlier_reports(self, job: Job, ct: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
         """The newest SR this node delivered for the same CT series before ``job``: a
@@ -371,18 +387,21 @@ class Runner:
             raise StorageFailure.of(f"cannot read the report of job {newest.id}", exc) from exc
 
     def _deliver(self, job: Job) -> Job:
+        started = time.perf_counter()
         try:
             datasets = self._saved_results(job)
         except StorageFailure as exc:
             return self._delivery_failed(job, str(exc), retryable=exc.retryable)
         results = [self._send(d, datasets) for d in self.destinations]
+        seconds = {"deliver": time.perf_counter() - started}
         failed = [r for r in results if not r.ok]
         if not failed:
             names = ", ".join(r.destination for r in results)
-            log.info("job %s delivered to %s", job.id, names)
-            return self._move(job, JobEvent.DELIVERED, f"delivered to {names}")
+            log.info("job %s delivered to %s in %.1f s", job.id, names, seconds["deliver"])
+            return self._move(job, JobEvent.DELIVERED, f"delivered to {names}", seconds=seconds)
         reason = "; ".join(_describe(r) for r in failed)
-        return self._delivery_failed(job, reason, retryable=all(r.retryable for r in failed))
+        return self._delivery_failed(job, reason, retryable=all(r.retryable for r in failed),
+                                     seconds=seconds)
 
     def _saved_results(self, job: Job) -> list[pydicom.Dataset]:
         """The job's saved report objects; raises :class:`StorageFailure` when they cannot be
@@ -408,7 +427,8 @@ class Runner:
             return DeliveryResult(destination.name,
                                   error=f"internal error: {type(exc).__name__}: {exc}")
 
-    def _delivery_failed(self, job: Job, reason: str, *, retryable: bool) -> Job:
+    def _delivery_failed(self, job: Job, reason: str, *, retryable: bool,
+                         seconds: dict[str, float] | None = None) -> Job:
         """RETRY_WAIT with the backoff for a failure that waiting can fix, until the backoff
         gives up; FAILED otherwise."""
         if retryable:
@@ -419,11 +439,12 @@ class Runner:
                 log.warning("job %s: delivery failed (%s); retry in %.0f s", job.id, reason, delay)
                 return self._move(
                     job, JobEvent.TEMPORARY_FAILURE, reason,
-                    next_attempt_at=now + delay, count_failure=True,
+                    next_attempt_at=now + delay, count_failure=True, seconds=seconds,
                 )
             reason = f"gave up after {now - first:.0f} s of temporary failures: {reason}"
         log.error("job %s: delivery failed for good: %s", job.id, reason)
-        return self._move(job, JobEvent.PERMANENT_FAILURE, reason, count_failure=True)
+        return self._move(job, JobEvent.PERMANENT_FAILURE, reason, count_failure=True,
+                          seconds=seconds)
 
     def _move(self, job: Job, event: JobEvent, reason: str, **changes) -> Job:
         """One journalled transition, timed by the runner's clock."""

@@ -5,6 +5,8 @@ spooled instance paths of the series snapshot it was created from) and its retry
 ``attempts`` and ``first_failure_at`` count failed deliveries (the backoff), and
 ``analysis_starts`` counts the starts of its analysis, persisted by the very transition that
 starts it, so that a start a crash cut short is counted too. A person's ``retry`` resets it.
+``seconds`` holds how long each stage of its latest attempt took (reading the inputs, the
+pipeline's stages, saving, delivering), written with the transition that ends the stage.
 Every transition also appends a journal row: the audit trail that ``dicomnode jobs`` shows.
 
 A database written by an older version gains the newer columns when it is opened.
@@ -17,7 +19,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicomnode.jobs.machine import JobEvent, JobState, next_state
@@ -34,6 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     warnings TEXT NOT NULL DEFAULT '[]',
     attempts INTEGER NOT NULL DEFAULT 0,
     analysis_starts INTEGER NOT NULL DEFAULT 0,
+    seconds TEXT NOT NULL DEFAULT '{}',
     first_failure_at REAL,
     next_attempt_at REAL,
     created_at REAL NOT NULL,
@@ -52,12 +56,16 @@ CREATE TABLE IF NOT EXISTS journal (
 #: Columns added since the first schema, as ``ALTER TABLE jobs ADD COLUMN`` clauses.
 _ADDED_COLUMNS = {
     "analysis_starts": "analysis_starts INTEGER NOT NULL DEFAULT 0",
+    "seconds": "seconds TEXT NOT NULL DEFAULT '{}'",
 }
 
 
 @dataclass(frozen=True)
 class Job:
-    """A job as stored. ``inputs`` are the spooled files of the series snapshot."""
+    """A job as stored. ``inputs`` are the spooled files of the series snapshot; ``seconds``
+    the wall-clock seconds of each stage of its latest attempt, in the order they ran
+    (``read``, ``assemble``, ``segment``, ``radiomics``, ``predict``, ``report``, ``save``,
+    ``deliver``)."""
 
     id: str
     key: SeriesKey
@@ -71,6 +79,7 @@ class Job:
     created_at: float
     updated_at: float
     analysis_starts: int = 0
+    seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -186,11 +195,14 @@ class JobStore:
         next_attempt_at: float | None = None,
         count_failure: bool = False,
         warnings: tuple[str, ...] | None = None,
+        seconds: Mapping[str, float] | None = None,
     ) -> Job:
         """Move a job along one edge of the table and journal it, atomically.
 
-        ``START`` counts one more analysis start; ``RETRY`` (a person's) clears the time of
-        the first failure and the count of analysis starts.
+        ``START`` counts one more analysis start and clears the stage timings of the attempt
+        before; ``RETRY`` (a person's) clears the time of the first failure and the count of
+        analysis starts. ``seconds`` are stage timings to record (added to those of the
+        attempt, a stage timed again replaces its earlier figure).
 
         Raises
         ------
@@ -204,7 +216,7 @@ class JobStore:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 row = self._conn.execute(
-                    "SELECT state, first_failure_at FROM jobs WHERE id = ?", (job_id,)
+                    "SELECT state, first_failure_at, seconds FROM jobs WHERE id = ?", (job_id,)
                 ).fetchone()
                 if row is None:
                     raise KeyError(f"no job {job_id!r}")
@@ -215,14 +227,17 @@ class JobStore:
                     first_failure = now
                 if event is JobEvent.RETRY:
                     first_failure = None
+                timings = {} if event is JobEvent.START else json.loads(row[2] or "{}")
+                timings.update({k: round(float(v), 3) for k, v in (seconds or {}).items()})
                 self._conn.execute(
                     "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, next_attempt_at = ?,"
                     " first_failure_at = ?, attempts = attempts + ?,"
                     " analysis_starts = CASE WHEN ? THEN 0 ELSE analysis_starts + ? END,"
-                    " warnings = COALESCE(?, warnings) WHERE id = ?",
+                    " warnings = COALESCE(?, warnings), seconds = ? WHERE id = ?",
                     (target.value, reason, now, next_attempt_at, first_failure, int(count_failure),
                      event is JobEvent.RETRY, int(event is JobEvent.START),
-                     None if warnings is None else json.dumps(list(warnings)), job_id),
+                     None if warnings is None else json.dumps(list(warnings)),
+                     json.dumps(timings), job_id),
                 )
                 self._journal(job_id, current, target, reason, now)
                 self._conn.execute("COMMIT")
@@ -262,4 +277,5 @@ def _job_from_row(row: dict) -> Job:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         analysis_starts=row["analysis_starts"],
+        seconds=json.loads(row["seconds"] or "{}"),
     )

@@ -49,6 +49,22 @@ def test_store_journals_every_transition(tmp_path: Path):
     ]
 
 
+def test_store_keeps_the_stage_timings_of_the_latest_attempt(tmp_path: Path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create(KEY, [])
+    store.transition(job.id, JobEvent.START, "analysing")
+    store.transition(job.id, JobEvent.REPORTED, "1 lesion", seconds={"read": 0.5, "report": 2})
+    job = store.transition(job.id, JobEvent.TEMPORARY_FAILURE, "HTTP 503", count_failure=True,
+                           next_attempt_at=0.0, seconds={"deliver": 1.25})
+    assert job.seconds == {"read": 0.5, "report": 2.0, "deliver": 1.25}
+    job = store.transition(job.id, JobEvent.DUE, "retrying delivery", seconds={"deliver": 0.75})
+    assert JobStore(tmp_path / "jobs.sqlite").get(job.id).seconds["deliver"] == 0.75  # persisted
+    store.transition(job.id, JobEvent.TEMPORARY_FAILURE, "HTTP 503", next_attempt_at=0.0)
+    store.transition(job.id, JobEvent.RETRY, "retry requested on the command line")
+    # A new analysis starts with no figures of the one before.
+    assert store.transition(job.id, JobEvent.START, "analysing").seconds == {}
+
+
 def test_illegal_transition_changes_nothing(tmp_path: Path):
     store = JobStore(tmp_path / "jobs.sqlite")
     job = store.create(KEY, [])
@@ -108,7 +124,7 @@ def test_a_database_of_an_older_version_gains_the_new_column(tmp_path: Path):
         """)
     store = JobStore(db)
     job = store.get("0123456789abcdef")
-    assert job.state is JobState.RUNNING and job.analysis_starts == 0
+    assert job.state is JobState.RUNNING and job.analysis_starts == 0 and job.seconds == {}
     store.transition(job.id, JobEvent.RESUME, "resumed")
     assert store.transition(job.id, JobEvent.START, "analysing").analysis_starts == 1
 

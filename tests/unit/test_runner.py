@@ -312,6 +312,23 @@ def test_an_rtstruct_sent_before_its_ct_goes_with_the_ct_into_one_job(parts, sar
     assert runner.take_complete_series() == [] and len(jobs.all()) == 1
 
 
+def test_an_rtstruct_sent_right_after_its_ct_goes_with_it_into_one_job(parts, sarcoma):
+    # Both series fall quiet before the same turn of the loop: the CT's job takes the
+    # contours, which then make no second job (a "correction" of the same contours).
+    index, jobs, _ = parts
+    ct, rtstruct = sarcoma
+    clock = Clock()
+    runner = supplied_runner(parts, clock, "auto")
+    for path in ct:
+        index.record_instance(record_file(path, T0))
+    index.record_instance(record_file(rtstruct, T0 + 0.5))
+    clock.now = T0 + 30
+    (job,) = runner.take_complete_series()
+    assert set(job.inputs) == {*ct, rtstruct}
+    clock.now = T0 + 60
+    assert runner.take_complete_series() == [] and len(jobs.all()) == 1
+
+
 def test_an_rtstruct_sent_after_its_ct_is_a_job_of_its_own(parts, sarcoma):
     index, jobs, _ = parts
     ct, rtstruct = sarcoma
@@ -385,7 +402,8 @@ class ReportingPipeline:
     def run(self, datasets, **kwargs):
         self.runs += 1
         analysis = SimpleNamespace(segmentation=SimpleNamespace(lesions=()), warnings=())
-        return SimpleNamespace(analysis=analysis, reports=ReportSet(sr=report_object()))
+        return SimpleNamespace(analysis=analysis, reports=ReportSet(sr=report_object()),
+                               seconds={"assemble": 0.25, "segment": 1.5})
 
 
 class Crash(BaseException):
@@ -435,6 +453,17 @@ def series_job(parts, clock, runner, n: int = 3, **size):
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_each_stage_of_a_job_is_timed_in_its_record(parts, no_summary):
+    _, jobs, _ = parts
+    clock = Clock()
+    runner = make_runner(parts, clock, pipeline=ReportingPipeline(), destinations=[delivered()])
+    job = series_job(parts, clock, runner)
+    assert runner.work_once().state is JobState.DELIVERED
+    seconds = jobs.get(job.id).seconds
+    assert list(seconds) == ["read", "assemble", "segment", "save", "deliver"]
+    assert seconds["segment"] == 1.5 and all(v >= 0 for v in seconds.values())
 
 
 def test_a_full_disk_while_saving_waits_then_analyses_again(parts, monkeypatch, no_summary):
