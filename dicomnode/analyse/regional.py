@@ -176,20 +176,29 @@ def lesion_regions(
     return Regions(core=core, rim=lesion & ~core, rings=rings, peritumoral=peritumoral)
 
 
-def body_mask(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
+def body_mask(hu: np.ndarray, threshold_hu: float,
+              slices: np.ndarray | None = None) -> np.ndarray:
     """The patient's body: voxels above ``threshold_hu`` in the largest 3D connected component
     (6-connectivity; drops the table and noise), holes filled slice by slice (so that the
     lungs, the airways and a nodule within them belong to the body).
 
     The extractor applies it to the slab of slices that holds the lesions only (seconds
     saved on a whole CT); an arm that joins the trunk only outside that slab is then not body.
+    ``slices``: the indices of the only slices wanted (the component is still found in the
+    whole volume); every other slice is left false.
     """
     labels, count = ndimage.label(hu > threshold_hu)
     if count == 0:
         return np.zeros(hu.shape, dtype=bool)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    body = labels == np.argmax(sizes)
+    largest = np.argmax(sizes)
+    if slices is not None:
+        body = np.zeros(hu.shape, dtype=bool)
+        for z in slices:
+            body[z] = ndimage.binary_fill_holes(labels[z] == largest)
+        return body
+    body = labels == largest
     del labels
     for z in np.flatnonzero(body.any(axis=(1, 2))):
         body[z] = ndimage.binary_fill_holes(body[z])

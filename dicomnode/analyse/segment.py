@@ -316,7 +316,9 @@ class Segmenter:
         probability = self.probabilities(volume)
         mask = probability >= settings.probability_threshold
         if settings.body_only:
-            mask &= body_mask(volume.hu, BODY_THRESHOLD_HU)
+            # The body is needed only on the slices where the model found something.
+            mask &= body_mask(volume.hu, BODY_THRESHOLD_HU,
+                              slices=np.flatnonzero(mask.any(axis=(1, 2))))
         labels, lesions = label_lesions(
             mask, volume, settings.min_lesion_ml, probability=probability,
             min_confidence=settings.min_confidence, max_lesions=settings.max_lesions,
@@ -352,7 +354,12 @@ def label_lesions(
     max_lesions:
         Keep at most this many, the most confident first (0: all).
     """
-    components, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    # Components are found in the box around the foreground only (the same components: the
+    # box holds all of it), which is a small part of a whole CT.
+    box = _foreground_box(mask)
+    if box is None:
+        return np.zeros(mask.shape, dtype=np.uint16), ()
+    components, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
     voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
     flat = components.ravel()
     counts = np.bincount(flat, minlength=n + 1)[1:]
@@ -360,7 +367,7 @@ def label_lesions(
         confidence = None
         kept = np.flatnonzero(counts * voxel_ml >= min_lesion_ml)
     else:
-        sums = np.bincount(flat, weights=np.asarray(probability, np.float64).ravel(),
+        sums = np.bincount(flat, weights=np.asarray(probability[box], np.float64).ravel(),
                            minlength=n + 1)[1:]
         confidence = sums / np.maximum(counts, 1)
         kept = np.flatnonzero((counts * voxel_ml >= min_lesion_ml) & (confidence >= min_confidence))
@@ -369,32 +376,49 @@ def label_lesions(
     kept = kept[np.argsort(-counts[kept], kind="stable")]
     relabel = np.zeros(n + 1, dtype=np.uint16)
     relabel[kept + 1] = np.arange(1, len(kept) + 1, dtype=np.uint16)
-    labels = relabel[components]
+    labels = np.zeros(mask.shape, dtype=np.uint16)
+    labels[box] = relabel[components]
     confidences = None if confidence is None else [round(float(confidence[c]), 4) for c in kept]
-    return labels, describe_lesions(labels, volume, confidences)
+    return labels, describe_lesions(labels, volume, confidences, box=box)
+
+
+def _foreground_box(mask: NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
+    """The smallest box that holds every true voxel of ``mask``; ``None`` when there is none."""
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not present.size:
+            return None
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
 
 
 def describe_lesions(
-    labels: NDArray[np.integer], volume: Volume, confidences: Sequence[float | None] | None = None
+    labels: NDArray[np.integer], volume: Volume, confidences: Sequence[float | None] | None = None,
+    *, box: tuple[slice, slice, slice] | None = None,
 ) -> tuple[Lesion, ...]:
     """The :class:`Lesion` of each label 1..N of ``labels`` (every label must be present):
-    size, volume, centroid in patient mm (PS3.3 C.7.6.2) and bounding box."""
-    boxes = ndimage.find_objects(labels)
+    size, volume, centroid in patient mm (PS3.3 C.7.6.2) and bounding box. ``box``: a part
+    of ``labels`` known to hold every labelled voxel (only it is searched)."""
+    box = box or (slice(None),) * 3
+    within = labels[box]
+    offset = [s.indices(n)[0] for s, n in zip(box, labels.shape)]
     voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
     affine = volume.geometry.affine()
     lesions = []
-    for label, box in enumerate(boxes, start=1):
-        if box is None:
+    for label, local_box in enumerate(ndimage.find_objects(within), start=1):
+        if local_box is None:
             raise ValueError(f"label {label} has no voxel")
-        local = np.argwhere(labels[box] == label)
-        centroid = local.mean(axis=0) + [s.start for s in box]
+        found = tuple(slice(s.start + o, s.stop + o) for s, o in zip(local_box, offset))
+        local = np.argwhere(within[local_box] == label)
+        centroid = local.mean(axis=0) + [s.start for s in found]
         centre_mm = affine @ np.append(centroid, 1.0)
         lesions.append(Lesion(
             label=label,
             voxel_count=len(local),
             volume_ml=len(local) * voxel_ml,
             centroid_mm=tuple(float(v) for v in centre_mm[:3]),  # type: ignore[arg-type]
-            bbox=tuple((int(s.start), int(s.stop)) for s in box),  # type: ignore[arg-type]
+            bbox=tuple((int(s.start), int(s.stop)) for s in found),  # type: ignore[arg-type]
             confidence=None if confidences is None else confidences[label - 1],
         ))
     return tuple(lesions)

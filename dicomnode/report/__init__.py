@@ -29,7 +29,7 @@ from pydicom.dataelem import DataElement
 
 from dicomnode.config import ReportConfig
 from dicomnode.report.charset import settle_character_set
-from dicomnode.report.keyimages import build_key_images
+from dicomnode.report.keyimages import build_key_images, render_key_images
 from dicomnode.report.keyslice import key_slices
 from dicomnode.report.pdf import build_pdf_report
 from dicomnode.report.seg import ReportUids, build_seg
@@ -114,13 +114,16 @@ def build_reports(
             series_number=series_number_base + 1,
             predecessors=predecessors,
         )
+        # Rendered once: the PDF shows the key images' own pixels.
+        rendered = (render_key_images(analysis, slices, template)
+                    if config.key_images or config.pdf_report else [])
         key_images = tuple(build_key_images(
             analysis, slices, template=template, config=config, uids=uids,
-            series_number=series_number_base + 2,
+            series_number=series_number_base + 2, rendered=rendered,
         )) if config.key_images else ()
         pdf = build_pdf_report(
             analysis, slices, template=template, config=config, uids=uids,
-            series_number=series_number_base + 3,
+            series_number=series_number_base + 3, rendered=rendered,
         ) if config.pdf_report else None
     reports = ReportSet(sr=sr, seg=seg, key_images=key_images, pdf=pdf)
     outputs = list(reports.datasets())

@@ -69,6 +69,7 @@ def build_key_images(
     config: ReportConfig,
     uids: ReportUids,
     series_number: int,
+    rendered: Sequence[np.ndarray] | None = None,
 ) -> list[Dataset]:
     """One Secondary Capture image per lesion, in lesion order, in a new series of the CT's study.
 
@@ -86,6 +87,9 @@ def build_key_images(
         ``key_image_series`` and one ``key_images[label]`` per lesion.
     series_number
         Series Number of the key-image series.
+    rendered
+        The images' pixels when :func:`render_key_images` made them already (the PDF report
+        shows the same pixels); else they are rendered here.
 
     Raises
     ------
@@ -96,13 +100,20 @@ def build_key_images(
     if [key.label for key in slices] != labels:
         raise ReportError(f"key slices for lesions {[k.label for k in slices]}, "
                           f"but the lesions are {labels}")
-    table = findings(analysis, template)
+    if rendered is None:
+        rendered = render_key_images(analysis, slices, template)
     return [
-        _secondary_capture(analysis, key, render_key_image(analysis.volume, key, table),
-                           template=template, config=config, uids=uids,
+        _secondary_capture(analysis, key, pixels, template=template, config=config, uids=uids,
                            series_number=series_number, instance_number=number)
-        for number, key in enumerate(slices, start=1)
+        for number, (key, pixels) in enumerate(zip(slices, rendered, strict=True), start=1)
     ]
+
+
+def render_key_images(analysis: Analysis, slices: Sequence[KeySlice],
+                      template: SrTemplate) -> list[np.ndarray]:
+    """The pixels of every lesion's key image (:func:`render_key_image`), in lesion order."""
+    table = findings(analysis, template)
+    return [render_key_image(analysis.volume, key, table) for key in slices]
 
 
 def _secondary_capture(

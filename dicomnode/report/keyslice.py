@@ -59,20 +59,28 @@ def key_slices(volume: Volume, segmentation: LabelVolume) -> tuple[KeySlice, ...
     nearest the lesion's middle, so that a thin, flat lesion is shown where it is, not at an end.
     """
     pixel_area = float(volume.geometry.spacing[1] * volume.geometry.spacing[2])
+    labels = segmentation.labels
+    # Each lesion's box, all found in one pass: only the box is searched for its largest slice.
+    boxes = ndimage.find_objects(labels)
     slices = []
     for lesion in segmentation.lesions:
-        mask = segmentation.labels == lesion.label
-        counts = mask.sum(axis=(1, 2))
-        if not counts.any():
+        box = boxes[lesion.label - 1] if 0 < lesion.label <= len(boxes) else None
+        if box is None:
             raise ValueError(f"lesion {lesion.label} has no voxel in the label volume")
+        (z0, z1), (y0, y1), (x0, x1) = ((s.start, s.stop) for s in box)
+        mask = labels[box] == lesion.label
+        counts = np.zeros(labels.shape[0], dtype=np.int64)
+        counts[z0:z1] = mask.sum(axis=(1, 2))
         z = _largest(counts)
         source, frame = _source_of(volume, z)
+        on_slice = np.zeros(labels.shape[1:], dtype=bool)
+        on_slice[y0:y1, x0:x1] = mask[z - z0]
         slices.append(KeySlice(
             label=lesion.label,
             slice_index=z,
             source=source,
             frame_number=frame,
-            outline=outline(mask[z]),
+            outline=outline(on_slice),
             area_mm2=float(counts[z]) * pixel_area,
         ))
     return tuple(slices)

@@ -76,6 +76,7 @@ def build_pdf_report(
     config: ReportConfig,
     uids: ReportUids,
     series_number: int,
+    rendered: Sequence[np.ndarray] | None = None,
 ) -> hd.SOPClass:
     """The Encapsulated PDF instance of ``analysis``, in a new series of the CT's study.
 
@@ -93,6 +94,9 @@ def build_pdf_report(
         ``pdf_series`` and ``pdf_instance``.
     series_number
         Series Number of the PDF series.
+    rendered
+        The key images' pixels when :func:`.keyimages.render_key_images` made them already;
+        else they are rendered here.
 
     Raises
     ------
@@ -103,7 +107,8 @@ def build_pdf_report(
     if [key.label for key in slices] != [row.label for row in table.rows]:
         raise ReportError(f"key slices for lesions {[k.label for k in slices]}, "
                           f"but the lesions are {[row.label for row in table.rows]}")
-    pdf = render_pdf(analysis, slices, table, template=template, config=config)
+    pdf = render_pdf(analysis, slices, table, template=template, config=config,
+                     rendered=rendered)
     return _encapsulated(analysis, pdf, template=template, config=config, uids=uids,
                          series_number=series_number)
 
@@ -172,16 +177,18 @@ def render_pdf(
     *,
     template: SrTemplate,
     config: ReportConfig,
+    rendered: Sequence[np.ndarray] | None = None,
 ) -> bytes:
     """The PDF: the summary (identity, caption, results, models, warnings, note), then the key
-    images, each kept whole on a page; every page has a footer with the patient, the caption
-    and its number."""
+    images (``rendered``, or rendered here), each kept whole on a page; every page has a
+    footer with the patient, the caption and its number."""
     source = analysis.volume.sources[0]
     pages = _Pages()
     _summary(pages, analysis, table, template=template, config=config)
-    for key in slices:
-        pages.image(render_key_image(analysis.volume, key, table),
-                    f"{table.row(key.label).lesion}: key image (largest slice)")
+    if rendered is None:
+        rendered = [render_key_image(analysis.volume, key, table) for key in slices]
+    for key, pixels in zip(slices, rendered, strict=True):
+        pages.image(pixels, f"{table.row(key.label).lesion}: key image (largest slice)")
     footer = "  |  ".join(part for part in (_patient_line(source), table.caption) if part)
     return pages.pdf(footer, title=template.pdf_title)
 

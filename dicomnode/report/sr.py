@@ -136,10 +136,15 @@ def build_sr(
     supplied = analysis.segmentation.supplied
     evidence = [*analysis.volume.sources, *([seg] if seg is not None else []),
                 *([supplied.header] if supplied is not None and supplied.kind == "RTSTRUCT" else [])]
+    _check_evidence(root, evidence)
     try:
-        return hd.sr.Comprehensive3DSR(
+        document = hd.sr.Comprehensive3DSR(
             evidence=evidence,
-            content=root,
+            # highdicom deep-copies the content it is given and searches it for references
+            # (seconds for an image library of a few hundred CT images). It is given the
+            # root container alone; the tree is put in afterwards, and read back once
+            # without a copy (below), which makes `document.content` the same as it would be.
+            content=_stand_in(root, template),
             series_instance_uid=uids.sr_series,
             series_number=series_number,
             sop_instance_uid=uids.sr_instance,
@@ -160,8 +165,33 @@ def build_sr(
             # As in the SEG: settled after building (dicomnode.report.charset).
             specific_character_set=source_character_set(analysis.volume.sources[0])[0],
         )
+        document.ContentSequence = root.ContentSequence
+        return hd.sr.Comprehensive3DSR.from_dataset(document, copy=False)
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"cannot build the SR: {exc}") from exc
+
+
+def _stand_in(root: ContainerContentItem, template: SrTemplate) -> ContainerContentItem:
+    """``root`` with only its first child (the language of the content): what the SR's
+    constructor copies and searches instead of the whole tree."""
+    stand_in = ContainerContentItem(name=template.title, template_id="1500")
+    stand_in.ContentSequence = ContentSequence(root.ContentSequence[:1])
+    return stand_in
+
+
+def _check_evidence(root: ContainerContentItem, evidence: Sequence[Dataset]) -> None:
+    """Every instance an IMAGE or COMPOSITE item of the tree references is in ``evidence``
+    (what highdicom checks when it is given the whole tree)."""
+    referenced, items = set(), list(root.ContentSequence)
+    while items:
+        item = items.pop()
+        if item.get("ValueType") in ("IMAGE", "COMPOSITE"):
+            referenced.add(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+        items.extend(item.get("ContentSequence", []))
+    missing = referenced - {str(ds.SOPInstanceUID) for ds in evidence}
+    if missing:
+        raise ReportError(f"cannot build the SR: it references {len(missing)} instance(s) that "
+                          f"are not among its evidence: {', '.join(sorted(missing))}")
 
 
 def _coding_schemes(template: SrTemplate) -> list[CodingSchemeIdentificationItem]:

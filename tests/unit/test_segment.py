@@ -164,6 +164,60 @@ def test_label_lesions_drops_small_components_and_orders_by_size() -> None:
     assert lesions[0].bbox == ((5, 9), (10, 18), (10, 18))
 
 
+def full_volume_reference(mask, volume, probability, min_ml, min_confidence, max_lesions):
+    """label_lesions as it was before it searched the foreground's box only: the whole grid."""
+    from scipy import ndimage
+
+    from dicomnode.analyse.segment import describe_lesions
+
+    components, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    counts = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    sums = np.bincount(components.ravel(), weights=probability.ravel(), minlength=n + 1)[1:]
+    confidence = sums / np.maximum(counts, 1)
+    ml = counts * volume.geometry.voxel_volume_mm3 / 1000.0
+    kept = np.flatnonzero((ml >= min_ml) & (confidence >= min_confidence))
+    kept = kept[np.argsort(-confidence[kept], kind="stable")][:max_lesions or None]
+    kept = kept[np.argsort(-counts[kept], kind="stable")]
+    relabel = np.zeros(n + 1, dtype=np.uint16)
+    relabel[kept + 1] = np.arange(1, len(kept) + 1)
+    labels = relabel[components]
+    return labels, describe_lesions(labels, volume, [round(float(confidence[c]), 4) for c in kept])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_lesions_in_the_foreground_box_equals_the_whole_grid(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (24, 40, 36)
+    mask = np.zeros(shape, dtype=bool)
+    for _ in range(rng.integers(0, 6)):  # blobs anywhere, some touching the grid's edges
+        low = rng.integers(0, shape, 3)
+        high = np.minimum(low + rng.integers(1, 9, 3), shape)
+        mask[tuple(slice(a, b) for a, b in zip(low, high))] = True
+    mask &= rng.random(shape) < 0.9
+    probability = np.where(mask, rng.random(shape), 0.0)
+    volume = bare_volume(np.zeros(shape), spacing=(1.0, 1.0, 1.0))
+    for settings in [(0.0, 0.0, 0), (0.01, 0.4, 0), (0.0, 0.0, 2)]:
+        labels, lesions = label_lesions(mask, volume, settings[0], probability=probability,
+                                        min_confidence=settings[1], max_lesions=settings[2])
+        want_labels, want = full_volume_reference(mask, volume, probability, *settings)
+        assert np.array_equal(labels, want_labels) and lesions == want
+
+
+def test_body_mask_on_chosen_slices_equals_the_whole_mask_there() -> None:
+    from dicomnode.analyse.regional import body_mask
+
+    rng = np.random.default_rng(3)
+    hu = np.full((12, 40, 40), -1000.0)
+    hu[2:10, 5:35, 5:35] = 40.0  # the body, with a hole (a lung) and noise outside it
+    hu[4:8, 15:25, 15:25] = -800.0
+    hu[rng.random(hu.shape) < 0.02] = 100.0
+    whole = body_mask(hu, -500.0)
+    chosen = np.array([0, 3, 5, 11])
+    part = body_mask(hu, -500.0, slices=chosen)
+    assert np.array_equal(part[chosen], whole[chosen]) and whole[5, 20, 20]
+    assert not np.delete(part, chosen, axis=0).any()
+
+
 @pytest.mark.skipif(not TOTALSEG_CT.exists(), reason=f"third-party CT {TOTALSEG_CT} not found")
 @pytest.mark.xfail(strict=True, reason=(
     "known limitation, recorded in models/segmentation/MODEL_CARD.md: the sarcoma model was "
