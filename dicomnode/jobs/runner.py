@@ -102,6 +102,8 @@ class Runner:
         self._recovery_due = True
         #: Spooled segmentation file -> the series it references (read once per file).
         self._referenced: dict[Path, frozenset[str]] = {}
+        #: When the earliest series that was not ready at the last check can be (clock time).
+        self._next_due: float | None = None
         d = config.delivery
         self.backoff = Backoff(
             initial_seconds=d.retry_initial_seconds,
@@ -156,11 +158,13 @@ class Runner:
         created = []
         pending = self.index.pending_series()
         taken: set[SeriesKey] = set()  # contours a CT's job took earlier in this turn
+        self._next_due = None
         for state in pending:
             if state.key in taken:
                 continue
             verdict = evaluate(state, now, self.config.completion)
             if not verdict.ready:
+                self._note_due(state, now)
                 continue
             if self._is_segmentation(state.key):
                 job = self._take_supplied(state, now)
@@ -169,6 +173,18 @@ class Runner:
             if job is not None:
                 created.append(job)
         return created
+
+    def _note_due(self, state: SeriesState, now: float) -> None:
+        """Remember when a series that is not ready yet can next change its verdict: the end
+        of its quiet period (then of its gap timeout), so the loop checks it then."""
+        if not state.new_instances:
+            return
+        completion = self.config.completion
+        due = state.last_arrival + completion.quiet_seconds
+        if due <= now:
+            due = state.last_arrival + completion.gap_timeout_seconds
+        if due > now and (self._next_due is None or due < self._next_due):
+            self._next_due = due
 
     def _take_ct(self, state: SeriesState, verdict: Verdict, pending: Sequence[SeriesState],
                  now: float, taken: set[SeriesKey]) -> Job | None:
@@ -469,7 +485,15 @@ class Runner:
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.5) -> None:
         while not stop.is_set():
             if self.step() is None:
-                stop.wait(poll_seconds)
+                stop.wait(self.idle_wait(poll_seconds))
+
+    def idle_wait(self, poll_seconds: float) -> float:
+        """Seconds to wait before the next turn when there was nothing to do: ``poll_seconds``,
+        or less when a waiting series' quiet period ends sooner (a series is then taken when
+        its quiet period ends, not up to a poll later)."""
+        if self._next_due is None:
+            return poll_seconds
+        return min(poll_seconds, max(0.01, self._next_due - self.clock()))
 
 
 def read_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:

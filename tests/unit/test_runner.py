@@ -114,6 +114,24 @@ def test_series_is_taken_once_quiet_and_again_when_more_instances_arrive(parts):
     assert second[0].id != first[0].id  # a new job: its reports get new UIDs (seeded by job id)
 
 
+def test_the_loop_wakes_when_a_quiet_period_ends_not_a_poll_later(parts):
+    index, _, _ = parts
+    clock = Clock()
+    runner = make_runner(parts, clock)
+    assert runner.idle_wait(0.5) == 0.5  # nothing is waiting
+    for n in range(3):
+        index.record_instance(record(n, T0))
+    clock.now = T0 + 2
+    assert runner.take_complete_series() == []
+    assert runner.idle_wait(0.5) == 0.5  # its quiet period (5 s) ends in 3 s
+    clock.now = T0 + 4.8
+    assert runner.take_complete_series() == []
+    assert runner.idle_wait(0.5) == pytest.approx(0.2)
+    clock.now = T0 + 5
+    assert len(runner.take_complete_series()) == 1
+    assert runner.idle_wait(0.5) == 0.5
+
+
 def test_the_same_series_sent_again_makes_no_second_job(parts):
     index, jobs, _ = parts
     clock = Clock()
