@@ -24,8 +24,8 @@ the sarcoma CTs around the tumour):
   geometry unchanged, in the middle of a 134 x 512 x 512 grid of air (-1000 HU), sent
   uncompressed: a full-size series in which the shipped U-Net finds the one real tumour;
 - ``--case phantom``: a 134 x 512 x 512 synthetic CT (:mod:`dicomnode.phantom`);
-- ``--lesions N``: an RTSTRUCT with N lesions "drawn by a radiologist" (8 mm ellipsoids spread
-  over the body) is sent right after the CT, so the node measures and reports those N lesions
+- ``--lesions N``: an RTSTRUCT with N lesions "drawn by a radiologist" (8 mm ellipsoids of
+  soft tissue spread over the body) is sent right after the CT, so the node measures and reports those N lesions
   instead of running the U-Net (and writes a SEG of them): the case for the report stage's
   growth with the number of lesions.
 
@@ -148,20 +148,25 @@ def _hu(datasets: list[Dataset]) -> np.ndarray:
 
 
 def lesion_labels(hu: np.ndarray, spacing: tuple[float, float, float], n: int) -> np.ndarray:
-    """``n`` ellipsoids (8 mm radius) spread on a grid over the body's bounding box."""
-    body = np.argwhere(hu > -500)
-    low, high = body.min(axis=0), body.max(axis=0)
-    per_axis = int(np.ceil(n ** (1 / 3)))
+    """``n`` ellipsoids of 8 mm radius inside the body (soft tissue around their centres),
+    spread over it: centres on a grid over the body's bounding box, every other one skipped
+    until ``n`` remain."""
     radius = np.maximum(np.round(8.0 / np.asarray(spacing)).astype(int), 1)
-    labels = np.zeros(hu.shape, dtype=np.uint8)
-    grid = [np.linspace(lo + r, hi - r, per_axis + 2)[1:-1].round().astype(int)
-            for lo, hi, r in zip(low, high, radius)]
     offsets = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
     ball = sum((o / r) ** 2 for o, r in zip(offsets, radius)) <= 1.0
-    centres = [(z, y, x) for z in grid[0] for y in grid[1] for x in grid[2]][:n]
-    for label, centre in enumerate(centres, start=1):
-        box = tuple(slice(c - r, c + r + 1) for c, r in zip(centre, radius))
-        labels[box][ball & (labels[box] == 0)] = label
+    body = np.argwhere(hu > -500)
+    low, high = body.min(axis=0) + radius, body.max(axis=0) - radius
+    step = np.maximum(2 * radius + 2, 1)
+    grid = np.stack(np.meshgrid(*(np.arange(lo, hi + 1, s) for lo, hi, s in zip(low, high, step)),
+                                indexing="ij"), axis=-1).reshape(-1, 3)
+    inside = [tuple(c) for c in grid
+              if (hu[tuple(slice(a - r, a + r + 1) for a, r in zip(c, radius))][ball] > -200).all()]
+    if len(inside) < n:
+        sys.exit(f"room for {len(inside)} lesions of 8 mm in this body, not {n}")
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    for label, k in enumerate(np.linspace(0, len(inside) - 1, n).round().astype(int), start=1):
+        box = tuple(slice(c - r, c + r + 1) for c, r in zip(inside[k], radius))
+        labels[box][ball] = label
     return labels
 
 

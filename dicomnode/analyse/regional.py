@@ -190,7 +190,11 @@ def body_mask(hu: np.ndarray, threshold_hu: float,
     labels, count = ndimage.label(hu > threshold_hu)
     if count == 0:
         return np.zeros(hu.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel())
+    # Counted slice by slice: a bincount of the whole volume would first copy the labels
+    # into a 64-bit array (a quarter of a GB for a 512 x 512 x 134 CT).
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for plane in labels:
+        sizes += np.bincount(plane.ravel(), minlength=count + 1)
     sizes[0] = 0
     largest = np.argmax(sizes)
     if slices is not None:
