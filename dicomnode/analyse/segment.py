@@ -68,8 +68,12 @@ class Preprocessing:
     def normalise(self, hu: NDArray[np.floating]) -> NDArray[np.float32]:
         """Clip to the HU window and scale it linearly to [-1, 1]."""
         low, high = self.hu_window
-        clipped = np.clip(np.asarray(hu, dtype=np.float32), low, high)
-        return (clipped - np.float32(low)) * np.float32(2.0 / (high - low)) - np.float32(1.0)
+        # One new array, scaled in place (the same float32 operations in the same order).
+        out = np.clip(hu, low, high, dtype=np.float32)
+        out -= np.float32(low)
+        out *= np.float32(2.0 / (high - low))
+        out -= np.float32(1.0)
+        return out
 
     def grid_shape(
         self, shape: tuple[int, ...], spacing: tuple[float, float, float]
@@ -80,18 +84,21 @@ class Preprocessing:
         )
 
     def to_training_grid(
-        self, image: NDArray[np.float32], spacing: tuple[float, float, float]
+        self, image: NDArray[np.float32], spacing: tuple[float, float, float], *,
+        overwrite: bool = False,
     ) -> NDArray[np.float32]:
         """Resample a normalised image (or a mask as float) onto the training-spacing grid.
 
         Both grids span the same physical extent (``n * spacing``), so
         ``align_corners=False`` interpolation puts voxel centres where they belong, and
-        :func:`from_training_grid` is its exact geometric inverse.
+        :func:`from_training_grid` is its exact geometric inverse. ``overwrite``: ``image``
+        is a temporary that the anti-aliasing filter may write over (no second copy).
         """
         factors = np.asarray(self.spacing_mm) / np.asarray(spacing)
         sigma = np.where(factors > 1, 0.5 * (factors - 1), 0.0)  # anti-aliasing when shrinking
         if np.any(sigma > 0):
-            image = ndimage.gaussian_filter(image, sigma, mode="nearest")
+            image = ndimage.gaussian_filter(image, sigma, mode="nearest",
+                                            output=image if overwrite else None)
         return resize(image, self.grid_shape(image.shape, spacing))
 
 
@@ -292,7 +299,7 @@ class Segmenter:
         """Lesion probability per voxel of ``volume`` (native grid, ``float32`` in [0, 1])."""
         prep = self.manifest.preprocessing
         spacing = volume.geometry.spacing
-        image = prep.to_training_grid(prep.normalise(volume.hu), spacing)
+        image = prep.to_training_grid(prep.normalise(volume.hu), spacing, overwrite=True)
         tensor = torch.from_numpy(image)[None, None].to(self.device)
         with torch.inference_mode():
             logits: torch.Tensor = sliding_window_inference(  # type: ignore[assignment]
