@@ -182,7 +182,8 @@ def _stand_in(root: ContainerContentItem, template: SrTemplate) -> ContainerCont
 def _check_evidence(root: ContainerContentItem, evidence: Sequence[Dataset]) -> None:
     """Every instance an IMAGE or COMPOSITE item of the tree references is in ``evidence``
     (what highdicom checks when it is given the whole tree)."""
-    referenced, items = set(), list(root.ContentSequence)
+    referenced: set[str] = set()
+    items = list(root.ContentSequence)
     while items:
         item = items.pop()
         if item.get("ValueType") in ("IMAGE", "COMPOSITE"):
