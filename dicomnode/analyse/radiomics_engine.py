@@ -161,9 +161,10 @@ class ImageTask:
     #: :attr:`image_dtype` is its own type.
     image: np.ndarray
     image_dtype: str
+    #: The mask on its own bounding box (pyradiomics crops every image to it before the
+    #: feature classes), and where that box starts in :attr:`image`, ``(z, y, x)``.
     mask: np.ndarray
-    #: The mask's bounding box in this array, as pyradiomics' ``checkMask`` gives it.
-    box: np.ndarray
+    mask_at: tuple[int, int, int]
     spacing_xyz: tuple[float, float, float]
     settings: Mapping[str, Any]
     #: Feature class name -> the listed features, or ``None`` for all non-deprecated ones.
@@ -179,15 +180,15 @@ def compute(task: ImageTask) -> dict[str, float]:
     mask = _image(task.mask, task.spacing_xyz)
     if task.kind == "shape":
         classes = {**_CLASSES, "shape": FastShape} if task.fast_shape else _CLASSES
-        return _class_features(
-            "original", image, mask, task.box, task.settings, task.classes, classes
-        )
+        return _class_features("original", image, mask, task.settings, task.classes, classes)
     if task.kind == "image":
-        return _class_features(task.name, image, mask, task.box, task.settings, task.classes)
+        return _class_features(task.name, image, mask, task.settings, task.classes)
     features: dict[str, float] = {}
+    on_mask = _sitk_region(task.mask_at, task.mask.shape)
+    # pyradiomics' filters read the image only: the mask argument is not used.
     derived = getattr(imageoperations, f"get{task.name}Image")(image, mask, **task.settings)
     for derived_image, name, kwargs in derived:
-        features |= _class_features(name, derived_image, mask, task.box, kwargs, task.classes)
+        features |= _class_features(name, derived_image[on_mask], mask, kwargs, task.classes)
     return features
 
 
@@ -195,14 +196,12 @@ def _class_features(
     prefix: str,
     image: sitk.Image,
     mask: sitk.Image,
-    box: np.ndarray,
     settings: Mapping[str, Any],
     classes: Mapping[str, Sequence[str] | None],
     implementations: Mapping[str, type] = _CLASSES,
 ) -> dict[str, float]:
-    """pyradiomics' ``computeFeatures`` (or ``computeShape``) on one image cropped to ``box``,
-    its texture classes sharing one discretisation."""
-    image, mask = imageoperations.cropToTumorMask(image, mask, box)
+    """pyradiomics' ``computeFeatures`` (or ``computeShape``) on an image already cut to the
+    mask's bounding box, its texture classes sharing one discretisation."""
     settings = {**settings, _SHARED: {}}
     features: dict[str, float] = {}
     for class_name, listed in classes.items():
@@ -334,20 +333,17 @@ class ProtocolRunner:
             raise ValueError(f"image {image.GetSize()} and mask {mask.GetSize()} differ in size")
         image, mask = self.extractor.loadImage(image, mask, None, **settings)
         box = check_mask(mask, settings)
-        resegmented = None
+        # From here the mask matters on its bounding box only: resegmentation goes voxel by
+        # voxel, and pyradiomics crops every image to that box before its feature classes.
+        shape_mask = texture_mask = mask[_sitk_box(box)]
         if settings.get("resegmentRange") is not None:
-            resegmented = imageoperations.resegmentMask(image, mask, **settings)
-            box = check_mask(resegmented, settings)
-        if settings.get("resegmentShape", False) and resegmented is not None:
-            mask = resegmented
+            resegmented = imageoperations.resegmentMask(image[_sitk_box(box)], shape_mask, **settings)
+            inner = check_mask(resegmented, settings)
+            box = inner + np.repeat(box[0::2], 2)
+            shape_mask, texture_mask = shape_mask[_sitk_box(inner)], resegmented[_sitk_box(inner)]
+            if settings.get("resegmentShape", False):
+                shape_mask = texture_mask
         shape = {name: listed for name, listed in enabled.items() if name == "shape"}
-        shape_task = None
-        if shape:
-            shape_task = _task(
-                "shape", "shape", image, mask, box, (0, 0, 0), settings, shape, self.fast_shape
-            )
-        if resegmented is not None:
-            mask = resegmented
         texture = {name: listed for name, listed in enabled.items() if not name.startswith("shape")}
         image_types = self.extractor.enabledImagetypes
         # Longest first: the LoG images (widest sigma first), whose filters run in the workers.
@@ -355,21 +351,22 @@ class ProtocolRunner:
             args = {**settings, **image_types[_FILTERED_IN_WORKER]}
             for sigma in sorted(args.get("sigma", []), reverse=True):
                 part = {**args, "sigma": [sigma]}
-                reach = self._log_reach(sigma, image.GetSpacing())
-                yield _task("filter", _FILTERED_IN_WORKER, image, mask, box, reach, part, texture)
-        if shape_task is not None:
-            yield shape_task
+                cut, at = _cut(box, self._log_reach(sigma, image.GetSpacing()), image.GetSize())
+                yield _task("filter", _FILTERED_IN_WORKER, image[cut], texture_mask, at, part, texture)
+        if shape:
+            yield _task("shape", "shape", image[_sitk_box(box)], shape_mask, (0, 0, 0), settings,
+                        shape, self.fast_shape)
         for image_type, custom in image_types.items():
             if image_type == _FILTERED_IN_WORKER:
                 continue
             args = {**settings, **custom}
             reach = wavelet_reach(args) if image_type == "Wavelet" else 0
-            source, source_mask, source_box = _cropped(image, mask, box, (reach,) * 3)
-            derived = getattr(imageoperations, f"get{image_type}Image")(source, source_mask, **args)
+            cut, at = _cut(box, (reach,) * 3, image.GetSize())
+            on_mask = _sitk_region(at, texture_mask.GetSize()[::-1])
+            derived = getattr(imageoperations, f"get{image_type}Image")(image[cut], mask, **args)
             for derived_image, name, kwargs in derived:
-                yield _task(
-                    "image", name, derived_image, source_mask, source_box, (0, 0, 0), kwargs, texture
-                )
+                yield _task("image", name, derived_image[on_mask], texture_mask, (0, 0, 0), kwargs,
+                            texture)
 
     def _log_reach(self, sigma: float, spacing_xyz: Sequence[float]) -> tuple[int, int, int]:
         """Voxels kept around the lesion for a LoG of ``sigma`` mm, per axis ``(x, y, z)``."""
@@ -415,23 +412,19 @@ def _task(
     name: str,
     image: sitk.Image,
     mask: sitk.Image,
-    box: np.ndarray,
-    pad_xyz: Sequence[int],
+    mask_at: tuple[int, int, int],
     settings: Mapping[str, Any],
     classes: Mapping[str, Sequence[str] | None],
     fast_shape: bool = True,
 ) -> ImageTask:
-    """A task on ``image`` and ``mask`` cut to ``box`` grown by ``pad_xyz`` (numpy views, then
-    one compact copy)."""
-    cut, offset = _cut(box, pad_xyz, image.GetSize())
-    array = sitk.GetArrayViewFromImage(image)[cut]
+    array = sitk.GetArrayViewFromImage(image)
     return ImageTask(
         kind=kind,
         name=name,
         image=_compact(array),
         image_dtype=array.dtype.str,
-        mask=_compact(sitk.GetArrayViewFromImage(mask)[cut]),
-        box=box - offset,
+        mask=_compact(sitk.GetArrayViewFromImage(mask)),
+        mask_at=mask_at,
         spacing_xyz=tuple(image.GetSpacing()),  # type: ignore[arg-type]
         settings=settings,
         classes=classes,
@@ -439,14 +432,28 @@ def _task(
     )
 
 
+def _sitk_box(box: np.ndarray) -> tuple[slice, slice, slice]:
+    """SimpleITK's ``[x, y, z]`` slices of a bounding box ``(L_x, U_x, L_y, U_y, L_z, U_z)``."""
+    return tuple(slice(int(box[2 * a]), int(box[2 * a + 1]) + 1) for a in range(3))  # type: ignore[return-value]
+
+
+def _sitk_region(start_zyx: Sequence[int], shape_zyx: Sequence[int]) -> tuple[slice, slice, slice]:
+    """SimpleITK's ``[x, y, z]`` slices of the region of ``shape_zyx`` at ``start_zyx``."""
+    return tuple(  # type: ignore[return-value]
+        slice(int(start), int(start) + int(size))
+        for start, size in zip(reversed(start_zyx), reversed(shape_zyx))
+    )
+
+
 def _cut(
     box: np.ndarray, pad_xyz: Sequence[int], size_xyz: Sequence[int]
-) -> tuple[tuple[slice, slice, slice], np.ndarray]:
-    """The ``(z, y, x)`` slices of ``box`` grown by ``pad_xyz`` (see :func:`grow`), and the
-    offset that moves ``box`` into the cut."""
+) -> tuple[tuple[slice, slice, slice], tuple[int, int, int]]:
+    """SimpleITK's ``[x, y, z]`` slices of ``box`` grown by ``pad_xyz`` (see :func:`grow`), and
+    where the box starts in that cut, ``(z, y, x)``."""
     ranges = [grow(box[2 * a], box[2 * a + 1], pad_xyz[a], size_xyz[a]) for a in range(3)]
-    (x0, x1), (y0, y1), (z0, z1) = ranges
-    return (slice(z0, z1), slice(y0, y1), slice(x0, x1)), np.repeat([x0, y0, z0], 2)
+    cut = tuple(slice(start, stop) for start, stop in ranges)
+    at = [int(box[2 * a]) - ranges[a][0] for a in range(3)]
+    return cut, (at[2], at[1], at[0])  # type: ignore[return-value]
 
 
 def _compact(array: np.ndarray) -> np.ndarray:
@@ -462,14 +469,6 @@ def _compact(array: np.ndarray) -> np.ndarray:
                 if np.array_equal(small, array):
                     return small
     return array.copy()
-
-
-def _cropped(
-    image: sitk.Image, mask: sitk.Image, box: np.ndarray, pad_xyz: Sequence[int]
-) -> tuple[sitk.Image, sitk.Image, np.ndarray]:
-    """Image and mask cut as :func:`_cut` cuts them, as SimpleITK images (for a filter)."""
-    (z, y, x), offset = _cut(box, pad_xyz, image.GetSize())
-    return image[x, y, z], mask[x, y, z], box - offset
 
 
 @contextlib.contextmanager
