@@ -296,8 +296,16 @@ class ProtocolRunner:
         if self.workers == 1:
             parts = [compute(task) for task in tasks]
         else:
-            futures = [self._submit(task) for task in tasks]
-            parts = [self._result(future) for future in futures]
+            try:
+                futures = [self._submit(task) for task in tasks]
+                parts = [future.result() for future in futures]
+            except BrokenProcessPool:
+                # A worker died (killed for memory?): the next lesion gets a fresh pool.
+                self.close()
+                raise RuntimeError(
+                    "a radiomics worker process died (out of memory?); "
+                    "set [radiomics] workers = 1 to compute in the node's own process"
+                ) from None
         return dict(chain.from_iterable(part.items() for part in parts))
 
     def warm_up(self) -> None:
@@ -394,17 +402,6 @@ class ProtocolRunner:
                 return self._pool.submit(function, *args)
             with _without_main_module():  # this submit may start a worker
                 return self._pool.submit(function, *args)
-
-    def _result(self, future: Future) -> dict[str, float]:
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            # A worker died (killed for memory?): the next lesion gets a fresh pool.
-            self.close()
-            raise RuntimeError(
-                "a radiomics worker process died (out of memory?); "
-                "set [radiomics] workers = 1 to compute in the node's own process"
-            ) from None
 
 
 def _task(

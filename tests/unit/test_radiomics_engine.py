@@ -3,6 +3,8 @@ same refusals, and every feature bit-identical to ``RadiomicsFeatureExtractor.ex
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +166,19 @@ def test_crop_margin_and_workers_are_validated_with_their_key() -> None:
         from_mapping({"radiomics": {"workers": -1}}, environ={})
     assert Config().radiomics.worker_processes >= 1
     assert RadiomicsConfig(workers=3).worker_processes == 3
+
+
+def test_a_killed_worker_fails_the_lesion_with_a_reason_and_the_next_one_works(
+    pyradiomics_extractor,
+) -> None:
+    image, mask = lesion_case()
+    runner = ProtocolRunner(pyradiomics_extractor, workers=2)
+    try:
+        expected = runner.execute(image, mask)
+        for pid in runner.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="worker process died"):
+            runner.execute(image, mask)
+        assert runner.execute(image, mask) == expected
+    finally:
+        runner.close()
