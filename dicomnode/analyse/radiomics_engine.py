@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -396,7 +397,7 @@ class ProtocolRunner:
                     max_workers=self.workers,
                     mp_context=context,
                     initializer=_start_worker,
-                    initargs=(self.fast_shape,),
+                    initargs=(self.fast_shape, os.getpid()),
                 )
             if len(self.worker_pids_locked()) >= self.workers:
                 return self._pool.submit(function, *args)
@@ -468,6 +469,20 @@ def _compact(array: np.ndarray) -> np.ndarray:
     return array.copy()
 
 
+def _exit_when_gone(pid: int, poll_seconds: float = 1.0) -> None:
+    """End this worker once process ``pid`` has gone (the node was killed with SIGKILL).
+
+    Nothing in concurrent.futures ends the workers of a killed owner: they, and the forkserver
+    they came from, were found alive long after the node.
+    """
+    while True:
+        time.sleep(poll_seconds)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+
+
 @contextlib.contextmanager
 def _without_main_module() -> Iterator[None]:
     """Start processes that do not import this process's main module.
@@ -485,11 +500,15 @@ def _without_main_module() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _start_worker(fast_shape: bool) -> None:
-    """A worker: quiet pyradiomics, one BLAS and one ITK thread (the pool is the parallelism),
-    and the shape calibration done now, while the node is still busy with other things."""
+def _start_worker(fast_shape: bool, owner_pid: int) -> None:
+    """A worker: ends with the process that owns the pool, quiet pyradiomics, one BLAS and one
+    ITK thread (the pool is the parallelism), and the shape calibration done now, while the
+    node is still busy with other things."""
     from dicomnode.analyse.radiomics import quiet_pyradiomics
 
+    threading.Thread(
+        target=_exit_when_gone, args=(owner_pid,), name="exit-with-owner", daemon=True
+    ).start()
     quiet_pyradiomics()
     threadpoolctl.threadpool_limits(1)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +185,42 @@ def test_a_killed_worker_fails_the_lesion_with_a_reason_and_the_next_one_works(
         assert runner.execute(image, mask) == expected
     finally:
         runner.close()
+
+
+OWNER = """
+import sys, time
+from dicomnode.analyse.radiomics_engine import ProtocolRunner
+from radiomics import featureextractor
+runner = ProtocolRunner(featureextractor.RadiomicsFeatureExtractor(sys.argv[1]), workers=2)
+runner.warm_up()
+while len(runner.worker_pids()) < 2:
+    time.sleep(0.1)
+print(*runner.worker_pids(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_workers_end_when_the_node_is_killed(tmp_path) -> None:
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    owner = subprocess.Popen([sys.executable, str(script), str(PROTOCOL)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        workers = [int(pid) for pid in owner.stdout.readline().split()]
+        assert len(workers) == 2
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has ended: only its parent has not collected it yet.
+    return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
