@@ -68,6 +68,7 @@ class Node:
             target=self.runner.run_forever, args=(self._stop,), name="dicomnode-runner", daemon=True
         )
         self._thread.start()
+        self.runner.pipeline.warm_up()
 
     @property
     def port(self) -> int:
@@ -82,5 +83,6 @@ class Node:
             self._server.shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.runner.pipeline.close()
         self.index.close()
         self.jobs.close()

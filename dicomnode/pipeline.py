@@ -126,6 +126,14 @@ class Pipeline:
             predecessors=predecessors,
         )
 
+    def warm_up(self) -> None:
+        """Start what starts slowly (the radiomics worker processes) in the background."""
+        self.measurer.radiomics.warm_up()
+
+    def close(self) -> None:
+        """Stop the radiomics worker processes (a later run starts them again)."""
+        self.measurer.radiomics.close()
+
     def run(
         self,
         datasets: Sequence[Dataset],
@@ -143,6 +151,7 @@ class Pipeline:
         ``predecessors`` are earlier SRs this report replaces.
         """
         ct = [ds for ds in datasets if not is_segmentation(ds)]
+        self.warm_up()  # the radiomics workers start while the series is assembled and segmented
         progress(f"assembling {len(ct)} instance(s)")
         started = time.perf_counter()
         volume = self.assemble(ct, key=key, allow_gaps=allow_gaps)

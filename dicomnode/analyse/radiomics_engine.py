@@ -310,8 +310,9 @@ class ProtocolRunner:
         return dict(chain.from_iterable(part.items() for part in parts))
 
     def warm_up(self) -> None:
-        """Start the worker processes now (they import pyradiomics), without waiting for them."""
-        if self.workers > 1:
+        """Start the worker processes now (they import pyradiomics), without waiting for them;
+        nothing when they run already."""
+        if self.workers > 1 and self._pool is None:
             for _ in range(self.workers):
                 self._submit_call(os.getpid)
 
