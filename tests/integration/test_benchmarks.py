@@ -47,6 +47,7 @@ def _require_orthanc(*, dicomweb: bool = False) -> None:
 REQUIRES = {
     "receive.py": lambda: (_require_dcmtk(), _require_orthanc()),
     "pacs_cohort.py": lambda: (_require_orthanc(dicomweb=True), require_cohort()),
+    "e2e.py": lambda: _require_orthanc(dicomweb=True),
 }
 
 #: What else a script's output must show, beyond one figure.
@@ -58,6 +59,9 @@ EXPECTED = {
     "job_memory.py": [r"peak during the job +\d+ MB, job \+ *-?\d+ MB",
                       r"whole tree peak +\d+ MB"],
     "pacs_cohort.py": [r"STS_\d+: identical"],
+    # the whole time and its stages from the job's record, and the node's peak memory
+    "e2e.py": [r"\| \*\*the same minus the quiet period\*\* \| [\d.]+ s \|",
+               r"\| report \| [\d.]+ s \|", r"node peak RSS: \d+ MB"],
 }
 
 
