@@ -127,9 +127,15 @@ def build_reports(
         ) if config.pdf_report else None
     reports = ReportSet(sr=sr, seg=seg, key_images=key_images, pdf=pdf)
     outputs = list(reports.datasets())
+    shortened = set()
     for ds in outputs:
-        fit_inherited_values(ds)
+        shortened.update(fit_inherited_values(ds))
         complete_deidentification_method(ds)
+    for keyword in sorted(shortened):
+        # Once per report, not per object (a key image per lesion), naming never the value,
+        # which may identify the patient.
+        log.warning("%s copied from the source is longer than its VR allows: shortened",
+                    keyword)
     settle_character_set(outputs, analysis.volume.sources[0])
     return reports
 
@@ -153,14 +159,16 @@ PERSON_NAME_WARNING = r".*is unlikely to represent the intended person name"
 _MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64}
 
 
-def fit_inherited_values(ds: Dataset) -> None:
-    """Cut string values copied from the source CT to their VR's maximum length.
+def fit_inherited_values(ds: Dataset) -> list[str]:
+    """Cut string values copied from the source CT to their VR's maximum length; the keywords
+    of those cut.
 
     Patient and study attributes are copied from the CT into the SEG and SR; some scanners and
     anonymisers write over-long values (the IBSI CT has a 17-character Study ID), which would
-    make our objects invalid. The value is shortened, not dropped, and a warning names the
-    attribute (never its value, which may identify the patient).
+    make our objects invalid. The value is shortened, not dropped; the caller says which
+    attributes were (never their values, which may identify the patient).
     """
+    shortened = []
     for element in ds:
         limit = _MAX_LENGTH.get(element.VR)
         if limit is None or element.value is None:
@@ -168,11 +176,11 @@ def fit_inherited_values(ds: Dataset) -> None:
         values = element.value if element.VM > 1 else [element.value]
         fitted = [str(v)[:limit] for v in values]
         if fitted != [str(v) for v in values]:
-            log.warning("%s copied from the source is longer than %s allows: shortened to %d characters",
-                        element.keyword, element.VR, limit)
+            shortened.append(element.keyword)
             # A new element: highdicom shares the source's elements, which must stay untouched.
             ds[element.tag] = DataElement(element.tag, element.VR,
                                           fitted if element.VM > 1 else fitted[0])
+    return shortened
 
 
 #: DeidentificationMethod written when the source says "de-identified" but not how (LO, 64).

@@ -50,10 +50,10 @@ SOURCE_PURPOSE = Code("121322", "DCM", "Source image for image processing operat
 #: ConversionType (PS3.3 C.8.6.1): made by software on a workstation, not digitised.
 WORKSTATION = "WSD"
 
-#: DejaVu Sans, shipped with matplotlib: the PDF report's font, with Latin, Greek and Cyrillic
+#: DejaVu Sans, shipped with matplotlib: the key images' and the PDF report's font, with Latin, Greek and Cyrillic
 #: glyphs (Pillow's built-in font lacks even "ä", and a template may name lesions in any
 #: language). Read from the installed package, like any other code.
-_FONTS = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+FONTS = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 #: Sizes at a CT part of MIN_CT_PIXELS; larger images scale them.
 _FONT_PX, _PANEL_PX, _MARGIN_PX = 18, 440, 16
 _BACKGROUND, _LABEL_GREY, _VALUE_WHITE = (0, 0, 0), (170, 170, 170), (240, 240, 240)
@@ -390,5 +390,5 @@ def _draw_lines(draw: ImageDraw.ImageDraw, lines: Sequence[_Line], *, x: int,
 @lru_cache(maxsize=16)
 def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
-    return ImageFont.truetype(str(_FONTS / name), size)
+    return ImageFont.truetype(str(FONTS / name), size)
 

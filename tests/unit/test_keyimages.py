@@ -5,9 +5,12 @@ each other."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import shutil
 import subprocess
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,7 @@ from dicomnode.report.findings import DRAWN, NOT_PREDICTED, RESEARCH_CAPTION, fi
 from dicomnode.report.keyimages import MIN_CT_PIXELS, build_key_images, render_key_image
 from dicomnode.report.keyslice import KeySlice, key_slices
 from dicomnode.report.palette import lesion_rgb
-from dicomnode.report.pdf import build_pdf_report
+from dicomnode.report.pdf import build_pdf_report, render_pdf
 from dicomnode.report.seg import ReportUids
 from dicomnode.types import Analysis, SeriesKey, SuppliedSegmentation
 from validate import dciodvfy_errors
@@ -289,9 +292,23 @@ def test_pdf_text_has_the_caption_the_table_the_models_and_the_patient(built, an
     assert "2024-01-02" in text  # study date, as ISO 8601
 
 
-def test_the_same_inputs_give_the_same_pdf(analysis, template, config, built):
-    _, again = build_both(analysis, template, config)
-    assert pdf_bytes(again) == pdf_bytes(built[1])
+def test_the_same_inputs_give_the_same_pdf(analysis, template, config):
+    # A retried delivery repeats the instance's UID: it must repeat the document too.
+    slices = key_slices(analysis.volume, analysis.segmentation)
+    table = findings(analysis, template)
+    created = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+    first, second = (render_pdf(analysis, slices, table, template=template, config=config,
+                                created=created) for _ in range(2))
+    assert first == second
+
+
+def test_the_pdf_was_created_when_the_instance_says(built):
+    _, pdf = built
+    stamp = re.search(rb"/CreationDate \(D:(\d{14})", pdf_bytes(pdf))
+    assert stamp, "the PDF has no creation date"
+    created = datetime.strptime(stamp.group(1).decode(), "%Y%m%d%H%M%S")
+    content = datetime.combine(pdf.ContentDate, pdf.ContentTime).astimezone()
+    assert created == content.astimezone(timezone.utc).replace(tzinfo=None, microsecond=0)
 
 
 def test_without_lesions_no_key_image_and_a_pdf_that_says_so(images, template, config, tmp_path):
@@ -317,15 +334,18 @@ def test_a_latin1_patient_name_reads_the_same_in_the_pdf_and_the_headers(templat
     assert "Müller, Jürgen" in pdf_text(pdf, tmp_path)
 
 
-def test_a_name_the_font_cannot_draw_reaches_no_warning(template, config, tmp_path):
+def test_a_name_the_font_cannot_draw_reaches_no_warning_and_no_log(template, config, tmp_path,
+                                                                    caplog):
     ct = synthetic_ct()
     for ds in ct:
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.PatientName = "山田^太郎"
+    caplog.set_level(logging.DEBUG)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, pdf = build_both(make_analysis(ct), template, config, seed="cjk")
     assert not [w for w in caught if "CJK" in str(w.message) or "山" in str(w.message)]
+    assert not [r for r in caplog.records if "山" in r.getMessage() or "\\u5c71" in r.getMessage()]
     assert PATIENT_ID in pdf_text(pdf, tmp_path)  # the ID still identifies the patient
 
 

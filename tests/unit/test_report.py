@@ -597,8 +597,21 @@ def test_over_long_values_copied_from_the_source_are_shortened():
     ds = Dataset()
     ds.StudyID = "IBSI_1_STS_001_CT"  # 17 characters: invalid SH, as in the real IBSI CT
     ds.InstitutionName = "Clinic"
-    fit_inherited_values(ds)
+    assert fit_inherited_values(ds) == ["StudyID"]
     assert ds.StudyID == "IBSI_1_STS_001_C" and ds.InstitutionName == "Clinic"
+
+
+def test_a_shortened_value_is_reported_once_per_report_without_its_value(template, config,
+                                                                          caplog):
+    ct = synthetic_ct()
+    for ds in ct:
+        ds.StudyID = "IBSI_1_STS_001_CT"
+    reports = build_reports(make_analysis(ct), template=template, config=config,
+                            uid_seed="long-study-id")
+    assert len(reports.datasets()) > 2  # SEG, SR, key images, PDF: each copied the Study ID
+    assert all(ds.StudyID == "IBSI_1_STS_001_C" for ds in reports.datasets())
+    lines = [r.getMessage() for r in caplog.records if "StudyID" in r.getMessage()]
+    assert len(lines) == 1 and "IBSI" not in lines[0]
 
 
 def test_a_source_that_says_deidentified_without_a_method_still_gives_valid_outputs(
