@@ -130,9 +130,80 @@ class _SharedDiscretisation:
         return shared["binned"].copy()
 
 
+class _FirstOrderOnce:
+    """Mixin for pyradiomics' first-order class: each moment and the percentiles computed once
+    per image, not once per feature that uses them, with the same numpy operations.
+
+    pyradiomics works with NaN-aware reductions (``nanmean``, ``nanpercentile``) that copy the
+    voxels for each feature. In segment-based extraction the voxel array holds no NaN; there
+    ``mean`` and ``percentile`` take the same sums and order statistics, so the values are
+    bit-identical (checked against pyradiomics by ``tests/integration/test_radiomics_exact.py``).
+    Anything else goes to pyradiomics' own code.
+    """
+
+    targetVoxelArray: np.ndarray
+
+    def _initCalculation(self, voxelCoordinates: Any = None) -> None:  # noqa: N802, N803
+        super()._initCalculation(voxelCoordinates)  # type: ignore[misc]
+        self._once: dict[Any, np.ndarray] = {}
+        self._plain = voxelCoordinates is None and not np.isnan(self.targetVoxelArray).any()
+
+    def _moment(self, a: np.ndarray, moment: int = 1) -> Any:
+        if moment == 1 or not self._plain or a is not self.targetVoxelArray:
+            return super()._moment(a, moment)  # type: ignore[misc]
+        if moment not in self._once:
+            centred = a - self._mean()
+            self._once[moment] = np.mean(np.power(centred, moment), 1)
+        # pyradiomics' callers change the moment they get in place.
+        return self._once[moment].copy()
+
+    def _mean(self) -> np.ndarray:
+        if "mean" not in self._once:
+            self._once["mean"] = np.mean(self.targetVoxelArray, 1, keepdims=True)
+        return self._once["mean"]
+
+    def _percentile(self, q: int) -> np.ndarray:
+        if "percentiles" not in self._once:
+            self._once["percentiles"] = np.percentile(self.targetVoxelArray, _PERCENTILES, axis=1)
+        return self._once["percentiles"][_PERCENTILES.index(q)].copy()
+
+    def get10PercentileFeatureValue(self) -> Any:  # noqa: N802 (pyradiomics' names)
+        if not self._plain:
+            return super().get10PercentileFeatureValue()  # type: ignore[misc]
+        return self._percentile(10)
+
+    def get90PercentileFeatureValue(self) -> Any:  # noqa: N802
+        if not self._plain:
+            return super().get90PercentileFeatureValue()  # type: ignore[misc]
+        return self._percentile(90)
+
+    def getInterquartileRangeFeatureValue(self) -> Any:  # noqa: N802
+        if not self._plain:
+            return super().getInterquartileRangeFeatureValue()  # type: ignore[misc]
+        return self._percentile(75) - self._percentile(25)
+
+    def getMeanFeatureValue(self) -> Any:  # noqa: N802
+        if not self._plain:
+            return super().getMeanFeatureValue()  # type: ignore[misc]
+        return self._mean()[:, 0].copy()
+
+    def getMeanAbsoluteDeviationFeatureValue(self) -> Any:  # noqa: N802
+        if not self._plain:
+            return super().getMeanAbsoluteDeviationFeatureValue()  # type: ignore[misc]
+        return np.mean(np.absolute(self.targetVoxelArray - self._mean()), 1)
+
+
+#: The percentiles first-order features use (10th, 90th, quartiles).
+_PERCENTILES = [10, 25, 75, 90]
+
+
+def _mixins(name: str) -> tuple[type, ...]:
+    return (_FirstOrderOnce, _SharedDiscretisation) if name == "firstorder" else (_SharedDiscretisation,)
+
+
 # Each keeps its pyradiomics module name, so that it logs to pyradiomics' loggers.
 _CLASSES: dict[str, type] = {
-    name: type(f"Shared{cls.__name__}", (_SharedDiscretisation, cls), {"__module__": cls.__module__})
+    name: type(f"Shared{cls.__name__}", (*_mixins(name), cls), {"__module__": cls.__module__})
     for name, cls in getFeatureClasses().items()
 }
 
