@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import getpass
 import json
 import logging
 import shlex
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 from dicomnode import __version__
 from dicomnode.config import Config, load
 from dicomnode.errors import ConfigError, DicomNodeError
+from dicomnode.observe.audit import EVENTS as AUDIT_EVENTS
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; commands import what they run lazily
     from dicomnode.cohort import DicomwebSource
@@ -127,6 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _start_listening(node)
     print(f"dicomnode listening as {config.node.ae_title} on {config.node.host}:{node.port} (Ctrl-C stops)",
           flush=True)
+    if node.status is not None:
+        print(f"status page, /metrics and /healthz on {node.status.url}", flush=True)
     stop.wait()
     log.info("stopping")
     node.stop()
@@ -327,15 +331,60 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     from dicomnode.jobs.machine import IllegalTransition, JobEvent
 
-    store = _job_store(_load_config(args.config))
+    config = _load_config(args.config)
+    store = _job_store(config)
+    who = f"{getpass.getuser()} (command line)"
     try:
         job = store.find(args.job)
-        job = store.transition(job.id, JobEvent.RETRY, "retry requested on the command line")
+        job = store.transition(job.id, JobEvent.RETRY, f"retry requested by {who}")
     except (KeyError, IllegalTransition) as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return EXIT_ERROR
+    with closing(_audit_trail(config)) as audit:
+        audit.job_retried(job.id, who)
     print(f"job {job.id} is {job.state.value} again; a running node picks it up")
     return EXIT_OK
+
+
+def _audit_trail(config: Config):
+    from dicomnode.observe.audit import AuditTrail
+
+    db = config.resolve(config.node.data_dir) / "index.sqlite"
+    if not db.exists():
+        raise ConfigError(f"no index database at {db}: has the node run with this configuration?")
+    return AuditTrail(db)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    with closing(_audit_trail(_load_config(args.config))) as audit:
+        entries = audit.query(since=_when(args.since), until=_when(args.until), event=args.event,
+                              job_id=args.job or "", study_uid=args.study or "", limit=args.limit)
+    if args.json:
+        print(json.dumps([e.as_json() for e in entries], indent=2))
+        return EXIT_OK
+    if not entries:
+        print("no audit entries match")
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at))
+        where = f" -> {e.destination}" if e.destination else ""
+        job = f"  job {e.job_id}" if e.job_id else ""
+        series = f"  series ...{e.series_uid[-16:]}" if e.series_uid else ""
+        detail = ", ".join(f"{k} {len(v) if isinstance(v, list) else v}" for k, v in e.detail.items())
+        print(f"{when}  {e.event:<20} {e.actor}{where}{job}{series}  {detail}")
+    return EXIT_OK
+
+
+def _when(text: str | None) -> float | None:
+    """A ``--since``/``--until`` value: an ISO date or date and time (local time)."""
+    if not text:
+        return None
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a date (2026-12-04) or a date and time "
+                          "(2026-12-04T13:00)") from None
 
 
 def cmd_cohort_export(args: argparse.Namespace) -> int:
@@ -367,6 +416,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from dicomnode.receive import server_tls_context
 
     server_tls_context(config)  # the node.tls_* files and key password, as serve checks them
+    if config.http.enabled:
+        from dicomnode.observe.http import Credentials
+
+        server_tls_context(config, "http")
+        Credentials.from_config(config)  # the status page's token or password can be read
     FileModes.for_group(config.node.file_group)  # a group that exists
     print(f"{args.config or 'defaults'}: configuration is valid")
     return EXIT_OK
@@ -596,6 +650,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB", help="job id (a unique prefix is enough)")
     config_option(p)
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser(
+        "audit", help="who sent what, which job it became, what was delivered where, who retried",
+        description="Query the append-only audit trail in the node's index database. Entries hold "
+                    "study and series UIDs, AE titles, addresses, job ids and destinations, never "
+                    "patient names.",
+        epilog="examples: dicomnode audit --since 2026-12-01 --event delivered; "
+               "dicomnode audit --study 1.2.826.0.1.3680043.8.498.1 --json")
+    p.add_argument("--since", metavar="DATE", help="from this date or date and time (local)")
+    p.add_argument("--until", metavar="DATE", help="before this date or date and time (local)")
+    p.add_argument("--event", default="", choices=["", *AUDIT_EVENTS], metavar="EVENT",
+                   help="only this event: " + ", ".join(AUDIT_EVENTS))
+    p.add_argument("--job", metavar="JOB", help="only this job (a prefix of its id is enough)")
+    p.add_argument("--study", metavar="UID", help="only this study")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many, the newest (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    config_option(p)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("cohort", help="training cohorts from what the node received")
     csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -42,8 +42,58 @@ def home() -> Path:
 
 
 @dataclass(frozen=True)
-class NodeConfig:
-    """Network identity of the listener."""
+class TlsServerSettings:
+    """The TLS options of a server the node runs: the DICOM listener (``[node]``) and the
+    status page (``[http]``) take the same keys."""
+
+    #: TLS (BCP 195): the server's certificate (PEM, may be followed by its intermediate CAs)
+    #: and its private key (PEM). Both set: every connection must start with a TLS handshake
+    #: and plain TCP is refused; neither: plain TCP. Relative paths resolve against the home.
+    #: The files are checked at start-up.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: Password of an encrypted private key, read from this environment variable or file at
+    #: start-up (secrets are never written in the TOML).
+    tls_key_password_env: str = ""
+    tls_key_password_file: str = ""
+    #: CA bundle (PEM) that client certificates must chain to. When set, a client that
+    #: presents a certificate not signed by it is refused during the handshake.
+    tls_ca_file: str = ""
+    #: Refuse, during the handshake, clients without a certificate signed by ``tls_ca_file``.
+    tls_require_client_cert: bool = False
+    #: Lowest TLS version accepted (BCP 195: TLS 1.2 or later).
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server speaks TLS."""
+        return bool(self.tls_cert_file and self.tls_key_file)
+
+    def _check_tls(self, section: str) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
+            raise ConfigError(
+                f"{section}.{missing}: TLS needs both tls_cert_file and tls_key_file (or neither)"
+            )
+        for key in ("tls_ca_file", "tls_key_password_env", "tls_key_password_file"):
+            if getattr(self, key) and not self.tls:
+                raise ConfigError(f"{section}.{key}: set only with tls_cert_file and tls_key_file")
+        if self.tls_require_client_cert and not self.tls_ca_file:
+            raise ConfigError(
+                f"{section}.tls_require_client_cert: needs tls_ca_file, the CA that signs the "
+                "client certificates"
+            )
+        if self.tls_key_password_env and self.tls_key_password_file:
+            raise ConfigError(
+                f"{section}.tls_key_password_env: give tls_key_password_env or "
+                "tls_key_password_file, not both"
+            )
+
+
+@dataclass(frozen=True)
+class NodeConfig(TlsServerSettings):
+    """Network identity of the listener (its TLS keys: :class:`TlsServerSettings`; DICOM TLS,
+    PS3.15 B.12)."""
 
     ae_title: str = "DICOMNODE"
     host: str = "127.0.0.1"
@@ -69,23 +119,6 @@ class NodeConfig:
     #: 0xA700 Out of Resources (and logged) instead of filling the disk; storing resumes by
     #: itself once space is freed. 0 turns the check off.
     min_free_mb: float = 1024.0
-    #: DICOM TLS on the listener (PS3.15 B.12, BCP 195): the node's certificate (PEM, may be
-    #: followed by its intermediate CAs) and its private key (PEM). Both set: every association
-    #: must start with a TLS handshake and plain TCP is refused; neither: plain TCP. Relative
-    #: paths resolve against the home. The files are checked when the listener starts.
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    #: Password of an encrypted private key, read from this environment variable or file at
-    #: start-up (secrets are never written in the TOML).
-    tls_key_password_env: str = ""
-    tls_key_password_file: str = ""
-    #: CA bundle (PEM) that client certificates must chain to. When set, a client that
-    #: presents a certificate not signed by it is refused during the handshake.
-    tls_ca_file: str = ""
-    #: Refuse, during the handshake, clients without a certificate signed by ``tls_ca_file``.
-    tls_require_client_cert: bool = False
-    #: Lowest TLS version accepted (BCP 195: TLS 1.2 or later).
-    tls_min_version: Literal["1.2", "1.3"] = "1.2"
     #: Associations served at once (negotiated, all hosts), and from one calling host. More
     #: are refused with A-ASSOCIATE-RJ rejected-transient, reason "local limit exceeded".
     max_associations: int = 20
@@ -115,25 +148,7 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         self._check_limits()
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
-            raise ConfigError(
-                f"node.{missing}: TLS needs both tls_cert_file and tls_key_file (or neither)"
-            )
-        tls = bool(self.tls_cert_file)
-        for key in ("tls_ca_file", "tls_key_password_env", "tls_key_password_file"):
-            if getattr(self, key) and not tls:
-                raise ConfigError(f"node.{key}: set only with tls_cert_file and tls_key_file")
-        if self.tls_require_client_cert and not self.tls_ca_file:
-            raise ConfigError(
-                "node.tls_require_client_cert: needs tls_ca_file, the CA that signs the "
-                "client certificates"
-            )
-        if self.tls_key_password_env and self.tls_key_password_file:
-            raise ConfigError(
-                "node.tls_key_password_env: give tls_key_password_env or "
-                "tls_key_password_file, not both"
-            )
+        self._check_tls("node")
 
     def _check_limits(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -153,10 +168,56 @@ class NodeConfig:
                 f"node.max_associations_per_host: {self.max_associations_per_host} is more "
                 f"than node.max_associations ({self.max_associations})")
 
+
+
+@dataclass(frozen=True)
+class HttpConfig(TlsServerSettings):
+    """The status page, Prometheus ``/metrics`` and ``/healthz``, served by ``dicomnode serve``
+    beside the listener (:mod:`dicomnode.observe.http`); HTTPS with the same TLS keys as
+    ``[node]``.
+
+    Anyone who can reach the address gets ``/healthz``. Everything else needs the credentials
+    below when they are set, except from this machine (127.0.0.1), which sees the status
+    page with patients as initials and a hash only: names need credentials. Listening beyond
+    loopback needs credentials.
+    """
+
+    #: Serve the status page at all.
+    enabled: bool = True
+    #: Address to listen on; 127.0.0.1 keeps it on this machine.
+    host: str = "127.0.0.1"
+    #: Port (0: any free port, printed at start-up).
+    port: int = 11180
+    #: A bearer token (``Authorization: Bearer ...``), read at start-up from this environment
+    #: variable or file.
+    token_env: str = ""
+    token_file: str = ""
+    #: Basic authentication: a user name and the password's environment variable or file.
+    username: str = ""
+    password_env: str = ""
+    password_file: str = ""
+
+    def __post_init__(self) -> None:
+        self._check_tls("http")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"http.port: must lie in 0..65535 (0: any free port), got {self.port}")
+        if self.token_env and self.token_file:
+            raise ConfigError("http.token_env: give token_env or token_file, not both")
+        if self.password_env and self.password_file:
+            raise ConfigError("http.password_env: give password_env or password_file, not both")
+        if bool(self.username) != bool(self.password_env or self.password_file):
+            raise ConfigError("http.username: basic authentication needs username and "
+                              "password_env or password_file")
+        if self.enabled and not self.credentials and not _is_loopback(self.host):
+            raise ConfigError(
+                f"http.host: {self.host!a} is reachable from other machines, so the status page "
+                "needs credentials: set http.token_env or http.token_file (a bearer token), or "
+                "http.username with http.password_env or http.password_file")
+
     @property
-    def tls(self) -> bool:
-        """Whether the listener speaks DICOM TLS."""
-        return bool(self.tls_cert_file and self.tls_key_file)
+    def credentials(self) -> bool:
+        """Whether a token or a user and password are configured."""
+        return bool(self.token_env or self.token_file or self.username)
 
 
 @dataclass(frozen=True)
@@ -418,6 +479,7 @@ class DeliveryConfig:
 @dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
@@ -598,7 +660,7 @@ def _port_ok(url: urllib.parse.SplitResult) -> bool:
 
 def _is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine (traffic to it never leaves it)."""
-    if host == "localhost":
+    if host in ("localhost", "ip6-localhost"):
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -22,7 +22,7 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 
-from dicomnode.config import Config, DestinationConfig, NodeConfig, home, load
+from dicomnode.config import Config, DestinationConfig, HttpConfig, NodeConfig, home, load
 from dicomnode.deliver import make_destination
 from dicomnode.jobs.machine import FINAL_STATES, JobState
 from dicomnode.phantom import make_phantom_study
@@ -99,8 +99,10 @@ def demo_config(out: Path) -> Config:
     """The shipped demo listener configuration, with its folders placed under ``out``."""
     base = load(home() / "listeners" / "demo.toml")
     node = NodeConfig(**{**vars(base.node), "port": 0, "data_dir": out / "node"})
+    # The status page on a free port too: the demo must not collide with a running node.
+    http = HttpConfig(**{**vars(base.http), "port": 0})
     results = DestinationConfig(kind="folder", name="demo-results", path=out / "results")
-    return Config(**{**vars(base), "node": node, "destinations": (results,)})
+    return Config(**{**vars(base), "node": node, "http": http, "destinations": (results,)})
 
 
 def run_demo(out: Path, *, seed: int = 10001) -> int:
@@ -125,6 +127,8 @@ def run_demo(out: Path, *, seed: int = 10001) -> int:
     node.start()
     try:
         step(f"listener {config.node.ae_title} is up on 127.0.0.1:{node.port}; sending the study by C-STORE")
+        if node.status is not None:
+            step(f"  the job's progress: {node.status.url} (status page; /metrics, /healthz)")
         sender = make_destination(DestinationConfig(
             kind="cstore", name="demo-sender", ae_title=config.node.ae_title, host="127.0.0.1", port=node.port,
         ))

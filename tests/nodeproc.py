@@ -23,6 +23,8 @@ def write_config(path: Path, *, port: int, data_dir: Path, destinations: list[di
     def value(v: object) -> str:
         return json.dumps(str(v) if isinstance(v, Path) else v)
 
+    # The status page on a free port: test nodes run side by side.
+    sections.setdefault("http", {"port": 0})
     lines = ["[node]", f"port = {port}", f"data_dir = {value(data_dir)}"]
     lines += [f"{k} = {value(v)}" for k, v in sections.pop("node", {}).items()]
     for name, table in sections.items():

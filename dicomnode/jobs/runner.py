@@ -43,6 +43,7 @@ from dicomnode.deliver import Destination
 from dicomnode.errors import DicomNodeError, InputRejected
 from dicomnode.jobs.machine import Backoff, JobEvent, JobState
 from dicomnode.jobs.store import Job, JobStore
+from dicomnode.observe.events import Observer
 from dicomnode.pipeline import Outcome, Pipeline
 from dicomnode.report import summary_json
 from dicomnode.results import (
@@ -90,8 +91,11 @@ class Runner:
         pipeline: Pipeline,
         results_root: Path,
         clock: Clock = time.time,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
+        #: Told of each job created, its stage timings and every delivery (metrics, audit).
+        self.observer = observer if observer is not None else Observer()
         self.index = index
         self.jobs = jobs
         self.destinations = tuple(destinations)
@@ -100,6 +104,8 @@ class Runner:
         self.clock = clock
         #: Whether the next turn of the loop must first resume interrupted jobs.
         self._recovery_due = True
+        #: Why the last turn of the loop failed, ``""`` when it did not (``/healthz``).
+        self.loop_error = ""
         #: Spooled segmentation file -> the series it references (read once per file).
         self._referenced: dict[Path, frozenset[str]] = {}
         #: When the earliest series that was not ready at the last check can be (clock time).
@@ -244,7 +250,9 @@ class Runner:
         if (latest is not None and latest.created_at >= state.last_arrival
                 and set(latest.inputs) == set(inputs)):
             return latest
-        return self.jobs.create(state.key, inputs, warnings=warnings, now=now)
+        job = self.jobs.create(state.key, inputs, warnings=warnings, now=now)
+        self.observer.job_created(job.id, job.key, len(job.inputs))
+        return job
 
     def _is_segmentation(self, key: SeriesKey) -> bool:
         modalities = self.index.series_modalities(key)
@@ -409,6 +417,8 @@ class Runner:
         except StorageFailure as exc:
             return self._delivery_failed(job, str(exc), retryable=exc.retryable)
         results = [self._send(d, datasets) for d in self.destinations]
+        for result in results:
+            self.observer.delivery_attempted(job.id, job.key, result.destination, result)
         seconds = {"deliver": time.perf_counter() - started}
         failed = [r for r in results if not r.ok]
         if not failed:
@@ -463,8 +473,12 @@ class Runner:
                           seconds=seconds)
 
     def _move(self, job: Job, event: JobEvent, reason: str, **changes) -> Job:
-        """One journalled transition, timed by the runner's clock."""
-        return self.jobs.transition(job.id, event, reason, now=self.clock(), **changes)
+        """One journalled transition, timed by the runner's clock; the stage timings it
+        records go to the observer."""
+        moved = self.jobs.transition(job.id, event, reason, now=self.clock(), **changes)
+        if changes.get("seconds"):
+            self.observer.stages_timed(changes["seconds"])
+        return moved
 
     # -- the loop
     def step(self) -> Job | None:
@@ -476,11 +490,14 @@ class Runner:
                 self.recover()
                 self._recovery_due = False
             self.take_complete_series()
-            return self.work_once()
-        except Exception:  # keep the node alive; the error is logged with its traceback
+            job = self.work_once()
+        except Exception as exc:  # keep the node alive; the error is logged with its traceback
             log.exception("runner loop error; what it interrupted is resumed at the next turn")
             self._recovery_due = True
+            self.loop_error = f"{type(exc).__name__}: {exc}"
             return None
+        self.loop_error = ""
+        return job
 
     def run_forever(self, stop: threading.Event, poll_seconds: float = 0.5) -> None:
         while not stop.is_set():

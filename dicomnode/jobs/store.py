@@ -160,6 +160,26 @@ class JobStore:
             rows = cur.fetchall()
         return [_job_from_row(dict(zip(cols, r))) for r in rows]
 
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state (every state, zeros included)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state.value: 0 for state in JobState} | {state: n for state, n in rows}
+
+    def recent(self, limit: int = 100) -> list[Job]:
+        """The ``limit`` jobs changed last, newest first."""
+        with self._lock:
+            cur = self._conn.execute("SELECT * FROM jobs ORDER BY updated_at DESC, rowid DESC"
+                                     " LIMIT ?", (limit,))
+            cols = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+        return [_job_from_row(dict(zip(cols, r))) for r in rows]
+
+    def ping(self) -> None:
+        """Raise ``sqlite3.Error`` when the database cannot be read."""
+        with self._lock:
+            self._conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+
     def latest(self, key: SeriesKey) -> Job | None:
         """The newest job of a series, or ``None`` when it has none."""
         with self._lock:

@@ -113,8 +113,10 @@ class ReceivedDataSet:
     path: Path | None
     data_offset: int
     size: int = 0
-    #: Why the data set was not kept, or ``""``.
+    #: Why the data set was not kept, or ``""``; and that reason's class
+    #: (:data:`~dicomnode.observe.events.CAUSES`).
     refusal: str = ""
+    cause: str = ""
 
     def discard(self) -> None:
         """Remove the file unless it was adopted into the spool."""
@@ -465,7 +467,7 @@ class _Message:
             self.file, received.path = open_incoming()
             self.file.write(meta)
         except OSError as exc:
-            self._fail(f"cannot store: {exc.strerror or exc}")
+            self._fail(f"cannot store: {exc.strerror or exc}", "storage_error")
 
     def write(self, value: memoryview, limit: int) -> None:
         received = self.received
@@ -474,12 +476,12 @@ class _Message:
         if self.file is None:
             return  # refused already: the rest is read and dropped
         if received.size > limit:
-            self._fail(f"instance over node.max_instance_mb ({limit / 2**20:.0f} MB)")
+            self._fail(f"instance over node.max_instance_mb ({limit / 2**20:.0f} MB)", "too_large")
             return
         try:
             self.file.write(value)
         except OSError as exc:
-            self._fail(f"cannot store: {exc.strerror or exc}")
+            self._fail(f"cannot store: {exc.strerror or exc}", "storage_error")
 
     def finish(self) -> ReceivedDataSet:
         received = self.received
@@ -488,15 +490,15 @@ class _Message:
             try:
                 self.file.close()
             except OSError as exc:
-                self._fail(f"cannot store: {exc.strerror or exc}")
+                self._fail(f"cannot store: {exc.strerror or exc}", "storage_error")
         self.file = None
         self.received = None
         return received
 
-    def _fail(self, refusal: str) -> None:
+    def _fail(self, refusal: str, cause: str) -> None:
         received = self.received
         assert received is not None
-        received.refusal = refusal
+        received.refusal, received.cause = refusal, cause
         self._close_file()
         received.discard()
         received.path = None

@@ -46,6 +46,7 @@ from pynetdicom.presentation import PresentationContext
 
 from dicomnode.config import Config
 from dicomnode.errors import InputRejected
+from dicomnode.observe.events import AssociationSummary, Observer
 from dicomnode.receive.guard import GuardedConnection, Limits, ReceivedDataSet
 from dicomnode.receive.header import (
     HeaderUnreadable,
@@ -57,6 +58,7 @@ from dicomnode.receive.server import GuardedServer
 from dicomnode.receive.tls import server_tls_context, transport_text
 from dicomnode.spool.index import Index, InstanceRecord
 from dicomnode.spool.store import Outcome, Spool, Stored, check_uid
+from dicomnode.types import SeriesKey
 
 log = logging.getLogger("dicomnode.receive")
 
@@ -160,11 +162,14 @@ def start_listener(
     index: Index,
     *,
     accept_callback: AcceptCallback | None = None,
+    observer: Observer | None = None,
 ) -> GuardedServer:
     """Start the SCP on ``config.node.host:port`` in background threads.
 
     Returns the server: ``server.server_address[1]`` is the bound port (useful with port 0),
-    ``server.shutdown()`` stops it and closes every connection.
+    ``server.shutdown()`` stops it and closes every connection, ``server.receiver`` is the
+    :class:`Receiver` (associations open). ``observer`` is told of every association and
+    instance.
     """
     tls_context = server_tls_context(config)  # checked before anything listens
     node = config.node
@@ -173,7 +178,7 @@ def start_listener(
                         max_inflated_bytes=int(node.max_inflated_mb * 2**20),
                         reprocess_resent=config.completion.resent_series == "reprocess",
                         routable=routable_sop_classes(config),
-                        policy=AssociationPolicy.from_config(config))
+                        policy=AssociationPolicy.from_config(config), observer=observer)
     ae = build_ae(config)
     server = ae.make_server(
         (node.host, node.port),
@@ -182,7 +187,9 @@ def start_listener(
         server_class=GuardedServer,
         guard=(Limits.from_config(node), spool.open_incoming),
     )
+    server.receiver = receiver
     thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+    server.serve_thread = thread
     thread.start()
     ae._servers.append(server)  # as AE.start_server does; AssociationServer.shutdown removes it
     return server
@@ -227,6 +234,15 @@ class _AssociationStats:
     replaced: int = 0
     refused: int = 0
     rejected_contexts: int = 0
+    bytes: int = 0
+    #: Instances stored per series.
+    series: dict[SeriesKey, int] = field(default_factory=dict)
+
+    def summary(self, how: str) -> AssociationSummary:
+        return AssociationSummary(
+            id=self.id, calling_ae=self.calling_ae, peer=self.peer, how=how,
+            seconds=time.monotonic() - self.started, stored=self.stored, refused=self.refused,
+            bytes=self.bytes, series=dict(self.series))
 
 
 class Receiver:
@@ -252,6 +268,8 @@ class Receiver:
         series (:meth:`~dicomnode.spool.index.Index.reopen`): it is processed again.
     routable:
         SOP classes indexed as routable (:func:`routable_sop_classes`); others are only kept.
+    observer:
+        Told of every association and instance (metrics, the audit trail).
     """
 
     def __init__(
@@ -266,8 +284,10 @@ class Receiver:
         reprocess_resent: bool = False,
         routable: tuple[str, ...] = CT_STORAGE_CLASSES,
         policy: AssociationPolicy | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.routable = frozenset(routable)
+        self.observer = observer if observer is not None else Observer()
         self.spool = spool
         self.index = index
         self.accept_callback = accept_callback
@@ -290,8 +310,14 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self.on_ended),
         ]
 
+    @property
+    def associations_open(self) -> int:
+        """Associations negotiated and not yet ended."""
+        return len(self._associations)
+
     def on_accepted(self, event: Event) -> None:
         stats = self._stats(event.assoc)
+        self.observer.association_accepted(stats.calling_ae, stats.peer)
         rejected = [_describe_rejected(cx) for cx in event.assoc.rejected_contexts]
         stats.rejected_contexts = len(rejected)
         # SCUs such as storescu propose every storage class they know, so most associations
@@ -314,6 +340,8 @@ class Receiver:
         log.warning("association from %a (%s:%s) refused: %s", calling,
                     assoc.requestor.address, assoc.requestor.port, reason)
         self._associations.pop(assoc, None)
+        self.observer.association_rejected(
+            calling, f"{assoc.requestor.address}:{assoc.requestor.port}", reason)
 
     def on_ended(self, event: Event) -> None:
         stats = self._associations.pop(event.assoc, None)
@@ -337,6 +365,7 @@ class Receiver:
             stats.refused,
             stats.rejected_contexts,
         )
+        self.observer.association_ended(stats.summary(how))
 
     def on_store(self, event: Event) -> int | Dataset:
         """Handle one C-STORE request; always returns a status, never raises."""
@@ -346,6 +375,7 @@ class Receiver:
         except Exception:  # the DIMSE boundary: a bug must become a status, not a crash
             log.exception("association %s: unexpected error while storing", stats.id)
             status = _failure(CANNOT_UNDERSTAND, "internal error while storing")
+            self.observer.instance_refused("internal_error")
         if status != SUCCESS:
             stats.refused += 1
         return status
@@ -367,35 +397,40 @@ class Receiver:
         context = event.context
         if received.refusal or received.path is None:
             return self._refuse(stats, affected_uid, OUT_OF_RESOURCES,
-                                received.refusal or "data set not kept")
+                                received.refusal or "data set not kept",
+                                cause=received.cause or "storage_error")
         shortage = self._disk_shortage()
         if shortage:
-            return self._refuse(stats, affected_uid, OUT_OF_RESOURCES, shortage)
+            return self._refuse(stats, affected_uid, OUT_OF_RESOURCES, shortage,
+                                cause="disk_full")
         try:
             header = read_header_from_file(received.path, received.data_offset,
                                            context.transfer_syntax,
                                            max_inflated_bytes=self.max_inflated_bytes)
         except HeaderUnreadable as exc:
             return self._refuse(
-                stats, affected_uid, CANNOT_UNDERSTAND, f"unreadable data set: {exc}"
-            )
+                stats, affected_uid, CANNOT_UNDERSTAND, f"unreadable data set: {exc}",
+                cause="unreadable")
         except InstanceTooLarge as exc:
             return self._refuse(stats, affected_uid, OUT_OF_RESOURCES,
-                                f"{exc} (node.max_inflated_mb)")
+                                f"{exc} (node.max_inflated_mb)", cause="too_large")
+        cause = "invalid"
         try:
             _check(header, affected_uid, context.abstract_syntax)
             if header.sop_class_uid != received.sop_class_uid:
                 raise InputRejected("SOPClassUID differs from Affected SOP Class UID",
                                     dimse_status=DATA_SET_DOES_NOT_MATCH)
             if self.accept_callback is not None:
+                cause = "rejected"  # the node's own veto on this instance
                 self.accept_callback(header, stats.calling_ae)
+            cause = "invalid"
             stored = self.spool.adopt(header.key, header.sop_instance_uid, received.path)
         except InputRejected as exc:
-            return self._refuse(stats, affected_uid, exc.dimse_status, str(exc))
+            return self._refuse(stats, affected_uid, exc.dimse_status, str(exc), cause=cause)
         except OSError as exc:
             return self._refuse(
-                stats, affected_uid, OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}"
-            )
+                stats, affected_uid, OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}",
+                cause="storage_error")
         return self._index(header, stored, context.transfer_syntax, stats, affected_uid)
 
     def _index(self, header: InstanceHeader, stored: Stored, transfer_syntax: str,
@@ -423,7 +458,8 @@ class Receiver:
             if stored.outcome is Outcome.NEW:
                 # Not acknowledged, so not kept: the sender still has it and may retry.
                 stored.path.unlink(missing_ok=True)
-            return self._refuse(stats, affected_uid, OUT_OF_RESOURCES, f"cannot index: {exc}")
+            return self._refuse(stats, affected_uid, OUT_OF_RESOURCES, f"cannot index: {exc}",
+                                cause="index_error")
         if reopened:
             log.info(
                 "association %s: series %s sent again; it will be processed again "
@@ -432,6 +468,10 @@ class Receiver:
                 header.series_uid,
             )
         stats.stored += 1
+        stats.series[header.key] = stats.series.get(header.key, 0) + 1
+        nbytes = _size(stored.path)
+        stats.bytes += nbytes
+        self.observer.instance_stored(nbytes, self.clock())
         return SUCCESS
 
     def _record(
@@ -472,7 +512,11 @@ class Receiver:
         # Fits the 64 characters of the status's Error Comment (LO).
         return f"disk below node.min_free_mb: {free / 2**20:.0f} MB free"
 
-    def _refuse(self, stats: _AssociationStats, sop_uid: str, status: int, reason: str) -> Dataset:
+    def _refuse(self, stats: _AssociationStats, sop_uid: str, status: int, reason: str, *,
+                cause: str) -> Dataset:
+        """The failure status, logged and counted; ``cause`` is one of
+        :data:`~dicomnode.observe.events.CAUSES`."""
+        self.observer.instance_refused(cause)
         log.warning(
             "association %s from %r: refused instance %r with 0x%04X: %s",
             stats.id,
@@ -495,6 +539,13 @@ class Receiver:
             )
             self._associations[assoc] = stats
         return stats
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _captured_data_set(assoc: Association) -> ReceivedDataSet | None:

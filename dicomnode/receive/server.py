@@ -55,6 +55,11 @@ class GuardedServer(ThreadedAssociationServer):
     daemon_threads = True
     block_on_close = False
 
+    #: The C-STORE handler (:class:`~dicomnode.receive.scp.Receiver`) and the thread that
+    #: serves connections, set by ``start_listener``.
+    receiver: Any = None
+    serve_thread: Any = None
+
     def __init__(self, *args: Any, guard: tuple[Limits, IncomingOpener], **kwargs: Any) -> None:
         self.limits, self.open_incoming = guard
         self.budget = ConnectionBudget(self.limits)

@@ -27,8 +27,9 @@ from dicomnode.errors import ConfigError
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
-def server_tls_context(config: Config) -> ssl.SSLContext | None:
-    """The listener's TLS context, or ``None`` when ``node.tls_cert_file`` is not set.
+def server_tls_context(config: Config, section: str = "node") -> ssl.SSLContext | None:
+    """The TLS context of the server that ``section`` configures (``node``: the DICOM
+    listener, ``http``: the status page), or ``None`` when its ``tls_cert_file`` is not set.
 
     Checks the configured files and the key password now, so that a bad setting stops the
     node at start-up with a message that names the key.
@@ -39,64 +40,64 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
         A file is missing, unreadable or not PEM; the key does not match the certificate; the
         key is encrypted and no (or a wrong) password is configured.
     """
-    node = config.node
-    if not node.tls:
+    server = getattr(config, section)
+    if not server.tls:
         return None
-    cert = _tls_file(config, "tls_cert_file")
-    key = _tls_file(config, "tls_key_file")
-    ca = _tls_file(config, "tls_ca_file") if node.tls_ca_file else None
+    cert = _tls_file(config, section, "tls_cert_file")
+    key = _tls_file(config, section, "tls_key_file")
+    ca = _tls_file(config, section, "tls_ca_file") if server.tls_ca_file else None
     try:
-        password = read_secret(node.tls_key_password_env, node.tls_key_password_file)
+        password = read_secret(server.tls_key_password_env, server.tls_key_password_file)
     except ConfigError as exc:
-        which = "tls_key_password_env" if node.tls_key_password_env else "tls_key_password_file"
-        raise ConfigError(f"node.{which}: {exc}") from None
+        which = "tls_key_password_env" if server.tls_key_password_env else "tls_key_password_file"
+        raise ConfigError(f"{section}.{which}: {exc}") from None
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if node.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+        ssl.TLSVersion.TLSv1_3 if server.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     )
     context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.options |= ssl.OP_NO_RENEGOTIATION
 
-    _check_certificates(cert, "tls_cert_file")
+    _check_certificates(cert, f"{section}.tls_cert_file")
     try:
         # A callable, so that OpenSSL never prompts on the terminal for an encrypted key.
-        context.load_cert_chain(cert, key, password=lambda: _key_password(password))
+        context.load_cert_chain(cert, key, password=lambda: _key_password(password, section))
     except ssl.SSLError as exc:  # a ConfigError from _key_password passes through
         if "KEY_VALUES_MISMATCH" in str(exc.reason) or "key values mismatch" in str(exc):
             raise ConfigError(
-                f"node.tls_key_file: {key} does not match the certificate in {cert}"
+                f"{section}.tls_key_file: {key} does not match the certificate in {cert}"
             ) from None
         if password is not None:
             raise ConfigError(
-                f"node.tls_key_file: cannot read the private key {key} with the configured "
+                f"{section}.tls_key_file: cannot read the private key {key} with the configured "
                 f"password (wrong password, or not a PEM key): {exc.reason or exc}"
             ) from None
         raise ConfigError(
-            f"node.tls_key_file: {key} is not a readable PEM private key: {exc.reason or exc}"
+            f"{section}.tls_key_file: {key} is not a readable PEM private key: {exc.reason or exc}"
         ) from None
     if ca is not None:
-        _check_certificates(ca, "tls_ca_file")
+        _check_certificates(ca, f"{section}.tls_ca_file")
         context.load_verify_locations(cafile=str(ca))
         context.verify_mode = (
-            ssl.CERT_REQUIRED if node.tls_require_client_cert else ssl.CERT_OPTIONAL
+            ssl.CERT_REQUIRED if server.tls_require_client_cert else ssl.CERT_OPTIONAL
         )
     else:
         context.verify_mode = ssl.CERT_NONE  # no client certificate is asked for
     return context
 
 
-def _tls_file(config: Config, key: str) -> Path:
+def _tls_file(config: Config, section: str, key: str) -> Path:
     """The resolved path of a TLS file setting, checked to be a readable file."""
-    path = config.resolve(Path(getattr(config.node, key)))
+    path = config.resolve(Path(getattr(getattr(config, section), key)))
     if not path.is_file():
-        raise ConfigError(f"node.{key}: {path} does not exist or is not a file")
+        raise ConfigError(f"{section}.{key}: {path} does not exist or is not a file")
     try:
         with path.open("rb"):
             pass
     except OSError as exc:
-        raise ConfigError(f"node.{key}: cannot read {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{section}.{key}: cannot read {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -105,15 +106,13 @@ def _check_certificates(path: Path, key: str) -> None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(path))
     except ssl.SSLError as exc:
-        raise ConfigError(
-            f"node.{key}: no PEM certificate in {path}: {exc.reason or exc}"
-        ) from None
+        raise ConfigError(f"{key}: no PEM certificate in {path}: {exc.reason or exc}") from None
 
 
-def _key_password(password: str | None) -> str:
+def _key_password(password: str | None, section: str) -> str:
     if password is None:
         raise ConfigError(
-            "node.tls_key_file: the private key is encrypted; name its password with "
+            f"{section}.tls_key_file: the private key is encrypted; name its password with "
             "tls_key_password_env or tls_key_password_file"
         )
     return password

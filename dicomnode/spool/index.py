@@ -178,6 +178,11 @@ class Index:
         with self._lock:
             self._db.close()
 
+    def ping(self) -> None:
+        """Raise ``sqlite3.Error`` when the database cannot be read."""
+        with self._lock:
+            self._db.execute("SELECT 1 FROM instances LIMIT 1").fetchall()
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
