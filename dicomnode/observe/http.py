@@ -46,7 +46,7 @@ from dicomnode.jobs.machine import IllegalTransition, JobEvent
 from dicomnode.jobs.store import Job, JobStore
 from dicomnode.observe.audit import AuditTrail
 from dicomnode.observe.health import HealthChecks
-from dicomnode.observe.metrics import CONTENT_TYPE_LATEST, NodeMetrics
+from dicomnode.observe.metrics import CONTENT_TYPE, NodeMetrics
 from dicomnode.observe.page import (
     AuditRow,
     JobRow,
@@ -285,7 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/":
             return self._status_page(authorised)
         if path == "/metrics":
-            return self._send(HTTPStatus.OK, self.status.metrics.exposition(), CONTENT_TYPE_LATEST)
+            return self._send(HTTPStatus.OK, self.status.metrics.exposition(), CONTENT_TYPE)
         if path == "/api/jobs":
             return self._api_jobs()
         match = _JOB_PATH.match(path)

@@ -34,13 +34,16 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from dicomnode.observe.events import CAUSES, AssociationSummary, Observer
 from dicomnode.types import DeliveryResult, SeriesKey
 
-__all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "NodeState"]
+__all__ = ["CONTENT_TYPE", "NodeMetrics", "NodeState"]
+
+#: The text format every Prometheus version reads (2.x does not know 1.0.0).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 # No ``*_created`` sample beside each counter: Prometheus does not use them, and they double the
 # page a person reads.
@@ -109,7 +112,7 @@ class NodeMetrics(Observer):
         self.registry.register(_StateCollector(state))
 
     def exposition(self) -> bytes:
-        """The metrics in Prometheus' text format (content type :data:`CONTENT_TYPE_LATEST`)."""
+        """The metrics in Prometheus' text format (content type :data:`CONTENT_TYPE`)."""
         return generate_latest(self.registry)
 
     def declare_destinations(self, names: tuple[str, ...]) -> None:
