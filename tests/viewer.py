@@ -22,7 +22,8 @@ import pytest
 
 from dicomnode.viewer import ViewerServer
 
-__all__ = ["OHIF_DIST", "ViewerServer", "probe", "require_viewer"]
+__all__ = ["OHIF_DIST", "STATUS_PROBE", "ViewerServer", "probe", "require_browser",
+           "require_viewer"]
 
 VIEWER_DIR = Path(__file__).resolve().parent / "viewer"
 NODE_MODULES = VIEWER_DIR / "node_modules"
@@ -30,22 +31,37 @@ OHIF_PACKAGE = NODE_MODULES / "@ohif" / "app"
 OHIF_DIST = OHIF_PACKAGE / "dist"
 PLAYWRIGHT = NODE_MODULES / "playwright-core"
 PROBE = VIEWER_DIR / "probe.mjs"
+STATUS_PROBE = VIEWER_DIR / "status.mjs"
 CHROMIUM = Path(os.environ.get("DICOMNODE_CHROMIUM", "/usr/bin/chromium"))
 #: The OHIF release the tests are written against (and ``package.json`` pins).
 OHIF_VERSION = json.loads((VIEWER_DIR / "package.json").read_text())["ohifApp"]["version"]
 
+def require_browser() -> None:
+    """Skip (a failure under CI=true, see conftest) when Chromium, node or playwright-core
+    (what ``docker/install.sh --test`` installs) is missing."""
+    _require(_browser_parts(), "the browser is not installed")
+
+
 def require_viewer() -> None:
-    """Skip (a failure under CI=true, see conftest) when Chromium, node or the npm packages
-    that ``docker/install.sh --test`` installs are missing."""
-    missing = [what for what, there in (
+    """:func:`require_browser`, and the pinned OHIF."""
+    _require([*_browser_parts(), (
+        f"OHIF {OHIF_VERSION} in {OHIF_PACKAGE} (docker/install.sh --test)",
+        (OHIF_DIST / "index.html").exists() and _installed_ohif_version() == OHIF_VERSION,
+    )], "the real viewer is not installed")
+
+
+def _browser_parts() -> list[tuple[str, bool]]:
+    return [
         (f"Chromium at {CHROMIUM} (Debian package chromium)", CHROMIUM.exists()),
         ("node (Debian package nodejs)", shutil.which("node") is not None),
         (f"playwright-core in {NODE_MODULES} (npm ci in tests/viewer)", PLAYWRIGHT.is_dir()),
-        (f"OHIF {OHIF_VERSION} in {OHIF_PACKAGE} (docker/install.sh --test)",
-         (OHIF_DIST / "index.html").exists() and _installed_ohif_version() == OHIF_VERSION),
-    ) if not there]
+    ]
+
+
+def _require(parts: list[tuple[str, bool]], what: str) -> None:
+    missing = [name for name, there in parts if not there]
     if missing:
-        pytest.skip("the real viewer is not installed: " + "; ".join(missing))
+        pytest.skip(f"{what}: " + "; ".join(missing))
 
 
 def _installed_ohif_version() -> str | None:
@@ -55,16 +71,17 @@ def _installed_ohif_version() -> str | None:
         return None
 
 
-def probe(request: dict, *, timeout: float = 150.0) -> dict:
-    """Run ``probe.mjs`` with ``request`` (JSON on its standard input) and return the JSON
-    object it prints last; its own log lines (stderr) are in ``result["log"]``."""
+def probe(request: dict, *, timeout: float = 150.0, script: Path = PROBE) -> dict:
+    """Run ``script`` (``probe.mjs``: OHIF; ``status.mjs``: dicomnode's status page) with
+    ``request`` (JSON on its standard input) and return the JSON object it prints last; its own
+    log lines (stderr) are in ``result["log"]``."""
     run = subprocess.run(
-        ["node", str(PROBE)], check=False, input=json.dumps({"chromium": str(CHROMIUM), **request}),
+        ["node", str(script)], check=False, input=json.dumps({"chromium": str(CHROMIUM), **request}),
         capture_output=True, text=True, timeout=timeout, cwd=VIEWER_DIR,
     )
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not lines:
-        raise RuntimeError(f"probe.mjs exited with {run.returncode}:\n{run.stdout[-4000:]}\n"
+        raise RuntimeError(f"{script.name} exited with {run.returncode}:\n{run.stdout[-4000:]}\n"
                            f"{run.stderr[-8000:]}")
     result = json.loads(lines[-1])
     result["log"] = run.stderr

@@ -108,13 +108,14 @@ class AuditTrail(Observer):
             )
 
     def query(self, *, since: float | None = None, until: float | None = None,
-              event: str = "", job_id: str = "", study_uid: str = "",
+              event: str = "", job_id: str = "", study_uid: str = "", series_uid: str = "",
               limit: int = 1000) -> list[AuditEntry]:
         """Rows in time order, filtered; ``job_id`` may be a prefix of the id."""
         where, params = [], []
         for clause, value in (("at >= ?", since), ("at < ?", until), ("event = ?", event or None),
                               ("job_id LIKE ?", f"{job_id}%" if job_id else None),
-                              ("study_uid = ?", study_uid or None)):
+                              ("study_uid = ?", study_uid or None),
+                              ("series_uid = ?", series_uid or None)):
             if value is not None:
                 where.append(clause)
                 params.append(value)

@@ -343,8 +343,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.NOT_FOUND, b"no such job\n", "text/plain")
         journal = [JournalRow(e.at, e.from_state or "", e.to_state, e.reason)
                    for e in status.jobs.journal(job.id)]
+        # The job's own rows, and how its series arrived (before it was a job).
+        entries = {a.seq: a for a in (
+            *status.audit.query(series_uid=job.key.series_uid, event="received", limit=100),
+            *status.audit.query(job_id=job.id, limit=200))}
         audit = [AuditRow(a.at, a.event, a.actor, a.destination, _detail(a.detail))
-                 for a in status.audit.query(job_id=job.id, limit=200)]
+                 for _, a in sorted(entries.items())]
         page = job_page(status.row(job), journal, audit, authorised=authorised,
                         retry_token=status.retry_token(job.id))
         return self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")

@@ -224,7 +224,7 @@ button { font-size: 1em; padding: .3em 1.2em; } .hint { color: #57606a; margin-l
 def _page(title: str, body: str, *, refresh: bool, note: str) -> str:
     meta = f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">' if refresh else ""
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">{meta}
+<html lang="en"><head><meta charset="utf-8">{meta}<link rel="icon" href="data:,">
 <title>{_e(title)}</title><style>{_STYLE}</style></head>
 <body>
 <h1>dicomnode <small class="note">{_e(__version__)}</small></h1>
