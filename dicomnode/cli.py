@@ -137,6 +137,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    if config.runner.kind != "celery":
+        raise ConfigError("runner.kind: a worker serves a node with runner.kind = \"celery\"; "
+                          f"this configuration has {config.runner.kind!r}")
+    from dicomnode.worker import run_worker
+
+    run_worker(config, loglevel=args.log_level)
+    return EXIT_OK
+
+
 def _open_node(config: Config) -> Node:
     """The node with its data folder, databases and models open.
 
@@ -595,6 +606,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pipeline on each complete series and deliver the SEG and SR.")
     config_option(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "worker", help="analyse and deliver a node's jobs as a Celery worker ([runner] kind = \"celery\")",
+        description="Take jobs from the broker that the node sends them to, one at a time: claim "
+                    "the job from the node, read its series (from the spool folder when this "
+                    "machine sees it, else from the node over HTTP), run the pipeline (on the "
+                    "GPU when there is one), hand the results back and deliver them. Start one "
+                    "per GPU or CPU budget, on any machine that reaches the broker and the node. "
+                    "SIGTERM stops it after the job at hand.",
+        epilog="example: DICOMNODE_WORKER_TOKEN=... dicomnode worker --config listeners/celery.toml")
+    config_option(p)
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("process", help="run the pipeline on a folder of DICOM files (no network)",
                        description="Analyse every CT series found under INPUT_DIR and write seg.dcm, sr.dcm and "

@@ -268,6 +268,54 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class RunnerConfig:
+    """Where analysis and delivery run (:mod:`dicomnode.jobs`).
+
+    ``"embedded"``: in the node's own process, one job at a time, no server needed.
+    ``"celery"``: as Celery tasks on ``dicomnode worker`` processes (one per GPU or CPU
+    budget, on this or other machines) through a broker (Redis or RabbitMQ). The node keeps
+    receiving, spooling, deciding completion and the job states; a worker claims a job from the
+    node over HTTP (``[http]``, which must be enabled), reads the series from the node (or from
+    the same spool folder when it can see it), and hands the results and the delivery's outcome
+    back. Workers use the same configuration file.
+    """
+
+    kind: Literal["embedded", "celery"] = "embedded"
+    #: The Celery broker, e.g. "redis://broker:6379/0" or "amqp://user@broker:5672//"; a
+    #: password in it is read from ``broker_password_env`` / ``broker_password_file``.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_password_env: str = ""
+    broker_password_file: str = ""
+    #: The queue the node's tasks go to.
+    queue: str = "dicomnode"
+    #: How workers reach the node's HTTP server; empty: ``[http]`` host and port.
+    node_url: str = ""
+    #: The secret workers present to the node (a bearer token), from this environment variable
+    #: or file: needed with ``kind = "celery"``.
+    worker_token_env: str = ""
+    worker_token_file: str = ""
+    #: Seconds after which a task a worker took and never finished (the worker was killed) is
+    #: given to another worker (Redis' visibility timeout): longer than the slowest job.
+    redelivery_seconds: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.kind == "celery" and not (self.worker_token_env or self.worker_token_file):
+            raise ConfigError("runner.worker_token_env: celery workers need a token to talk to "
+                              "the node: set runner.worker_token_env or runner.worker_token_file")
+        if self.worker_token_env and self.worker_token_file:
+            raise ConfigError("runner.worker_token_env: give worker_token_env or "
+                              "worker_token_file, not both")
+        if self.broker_password_env and self.broker_password_file:
+            raise ConfigError("runner.broker_password_env: give broker_password_env or "
+                              "broker_password_file, not both")
+        if not self.redelivery_seconds > 0:
+            raise ConfigError(f"runner.redelivery_seconds: must be > 0, got {self.redelivery_seconds}")
+        scheme = urllib.parse.urlsplit(self.broker_url).scheme
+        if self.kind == "celery" and scheme not in ("redis", "rediss", "amqp", "amqps"):
+            raise ConfigError(f"runner.broker_url: a redis:// or amqp:// URL, got scheme {scheme!r}")
+
+
+@dataclass(frozen=True)
 class SegmentationConfig:
     """How lesions are found; the single place for the segmenter's defaults.
 
@@ -482,6 +530,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     radiomics: RadiomicsConfig = field(default_factory=RadiomicsConfig)
@@ -490,6 +539,11 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     destinations: tuple[DestinationConfig, ...] = (DestinationConfig(),)
+
+    def __post_init__(self) -> None:
+        if self.runner.kind == "celery" and not self.http.enabled:
+            raise ConfigError("runner.kind: celery workers talk to the node over HTTP: "
+                              "set http.enabled = true")
 
     def resolve(self, path: Path) -> Path:
         """A configured path, made absolute against the project home."""

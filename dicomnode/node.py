@@ -18,6 +18,7 @@ from pathlib import Path
 from dicomnode.config import Config
 from dicomnode.deliver import make_destination
 from dicomnode.filemodes import make_node_private
+from dicomnode.jobs.remote import CeleryRunner, RemoteJobs
 from dicomnode.jobs.runner import Runner
 from dicomnode.jobs.store import JobStore
 from dicomnode.observe.audit import AuditTrail
@@ -49,17 +50,8 @@ class Node:
         self.audit = AuditTrail(self.data_dir / "index.sqlite")
         self.metrics = NodeMetrics()
         self.observer = Observers([self.metrics, self.audit])
-        self.runner = Runner(
-            config,
-            index=self.index,
-            jobs=self.jobs,
-            destinations=[make_destination(d) for d in config.destinations],
-            # Loaded before the listener opens: a missing or broken model stops the node at
-            # start-up with the reason, instead of failing every job later.
-            pipeline=pipeline if pipeline is not None else Pipeline.from_config(config),
-            results_root=self.data_dir / "results",
-            observer=self.observer,
-        )
+        self.runner = self._make_runner(pipeline)
+        self.remote = RemoteJobs(self.runner) if isinstance(self.runner, CeleryRunner) else None
         self.metrics.declare_destinations(tuple(d.name for d in config.destinations))
         self.metrics.watch(NodeState(job_counts=self.jobs.counts,
                                      spool_free_bytes=self._spool_free_bytes,
@@ -90,7 +82,8 @@ class Node:
         self._thread.start()
         if self.status is not None:
             self.status.start()
-        self.runner.pipeline.warm_up()
+        if self.runner.pipeline is not None:
+            self.runner.pipeline.warm_up()
 
     @property
     def port(self) -> int:
@@ -107,10 +100,28 @@ class Node:
             self._server.shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.runner.pipeline.close()
+        if self.runner.pipeline is not None:
+            self.runner.pipeline.close()
         self.index.close()
         self.audit.close()
         self.jobs.close()
+
+    def _make_runner(self, pipeline: Pipeline | None) -> Runner:
+        """The runner ``[runner] kind`` names: the pipeline here, or Celery workers."""
+        config = self.config
+        common: dict = dict(
+            index=self.index, jobs=self.jobs,
+            destinations=[make_destination(d) for d in config.destinations],
+            results_root=self.data_dir / "results", observer=self.observer)
+        if config.runner.kind == "celery":
+            from dicomnode.worker import make_app
+
+            # The workers load the models; the node only sends them the jobs.
+            return CeleryRunner(config, pipeline=None, app=make_app(config), **common)
+        # Loaded before the listener opens: a missing or broken model stops the node at
+        # start-up with the reason, instead of failing every job later.
+        return Runner(config, pipeline=pipeline if pipeline is not None else Pipeline.from_config(config),
+                      **common)
 
     # -- what the status page, /metrics and /healthz read ---------------------------------
     def _status_server(self) -> StatusServer:
@@ -122,7 +133,8 @@ class Node:
         }
         return StatusServer(self.config, jobs=self.jobs, audit=self.audit, metrics=self.metrics,
                             health=HealthChecks(checks), listener=self._listener_state,
-                            secret=load_secret(self.data_dir / "status.key"), clock=time.time)
+                            secret=load_secret(self.data_dir / "status.key"), clock=time.time,
+                            remote=self.remote)
 
     def _listener_thread(self) -> threading.Thread | None:
         server = self._server

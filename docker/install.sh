@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs dicomnode and what it needs on a Debian 12 / Python 3.11 machine (or image).
 #   bash docker/install.sh          the node and its demo (no Debian packages needed)
-#   bash docker/install.sh --test   also Orthanc + DICOMweb plugin, dcmtk, dicom3tools and openssl for the tests,
+#   bash docker/install.sh --test   also Orthanc + DICOMweb plugin, dcmtk, dicom3tools, openssl and redis-server for the tests,
 #                                   and the real viewer: Chromium (+ nodejs/npm when node is missing),
 #                                   playwright-core and OHIF in tests/viewer (tests/viewer/install.sh)
 # Idempotent: what is already installed is kept.
@@ -22,6 +22,8 @@ if [ "$with_test" = 1 ]; then
   # The real viewer (tests/integration/test_viewer.py): Debian's Chromium, driven from node.
   [ -x /usr/bin/chromium ] || debs+=(chromium)
   command -v node >/dev/null 2>&1 || debs+=(nodejs npm)
+  # The Celery runner's tests (tests/integration/test_celery.py): a real Redis broker.
+  [ -x /usr/bin/redis-server ] || debs+=(redis-server)
   if [ "${#debs[@]}" -gt 0 ]; then
     echo "== Debian packages: ${debs[*]}"
     $SUDO apt-get update -qq

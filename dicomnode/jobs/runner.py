@@ -88,7 +88,7 @@ class Runner:
         index: Index,
         jobs: JobStore,
         destinations: Sequence[Destination],
-        pipeline: Pipeline,
+        pipeline: Pipeline | None,
         results_root: Path,
         clock: Clock = time.time,
         observer: Observer | None = None,
@@ -332,25 +332,9 @@ class Runner:
         )
 
     def _run_pipeline(self, job: Job, seconds: dict[str, float]) -> Outcome:
-        """Check the size of the job's series from its headers, then read and analyse it;
-        the time of each stage goes into ``seconds``."""
-        started = time.perf_counter()
-        check_volume_size(read_headers(job.inputs), self.config.jobs.max_voxels)
-        datasets = read_inputs(job.inputs)
-        seconds["read"] = time.perf_counter() - started
-        ct = [ds for ds in datasets if not is_segmentation(ds)]
-        supplied = len(ct) < len(datasets)
-        outcome = self.pipeline.run(
-            datasets,
-            uid_seed=job.id,
-            # A supplied segmentation's job is keyed by its own series; the CT is analysed.
-            key=_series_key(ct[0]) if supplied and ct else job.key,
-            allow_gaps=bool(job.warnings),
-            progress=lambda stage: log.info("job %s: %s", job.id, stage),
-            predecessors=self._earlier_reports(job, ct) if supplied else (),
-        )
-        seconds.update(outcome.seconds)
-        return outcome
+        """:func:`run_pipeline` on the job's spooled inputs, with the report it replaces."""
+        return run_pipeline(self.pipeline, self.config, job, job.inputs, seconds,
+                            predecessors=lambda ct: self.earlier_reports(job, ct))
 
     def _save(self, job: Job, outcome: Outcome) -> None:
         """Write the job's results into a clean folder (an interrupted earlier attempt may
@@ -389,7 +373,7 @@ class Runner:
         log.error("job %s failed: %s", job.id, reason)
         return self._move(job, JobEvent.PERMANENT_FAILURE, reason, seconds=seconds)
 
-    def _earlier_reports(self, job: Job, ct: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    def earlier_reports(self, job: Job, ct: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
         """The newest SR this node delivered for the same CT series before ``job``: a
         corrected segmentation's report replaces it (Predecessor Documents Sequence)."""
         if not ct:
@@ -416,10 +400,15 @@ class Runner:
             datasets = self._saved_results(job)
         except StorageFailure as exc:
             return self._delivery_failed(job, str(exc), retryable=exc.retryable)
-        results = [self._send(d, datasets) for d in self.destinations]
+        results = [send(d, datasets) for d in self.destinations]
+        return self.record_delivery(job, results, {"deliver": time.perf_counter() - started})
+
+    def record_delivery(self, job: Job, results: Sequence[DeliveryResult],
+                        seconds: dict[str, float]) -> Job:
+        """The job after these delivery attempts (here or on a worker): delivered, waiting
+        for a retry, or failed."""
         for result in results:
             self.observer.delivery_attempted(job.id, job.key, result.destination, result)
-        seconds = {"deliver": time.perf_counter() - started}
         failed = [r for r in results if not r.ok]
         if not failed:
             names = ", ".join(r.destination for r in results)
@@ -441,17 +430,6 @@ class Runner:
             raise StorageFailure(f"the saved results are missing from {folder}; "
                                  "`dicomnode retry` analyses the series again", retryable=False)
         return datasets
-
-    @staticmethod
-    def _send(destination: Destination, datasets: Sequence[pydicom.Dataset]) -> DeliveryResult:
-        """One delivery attempt. A destination answers every failure with a result; one that
-        raises has a bug, which fails this job for good instead of the loop repeating it."""
-        try:
-            return destination.send(datasets)
-        except Exception as exc:
-            log.exception("destination %s raised instead of answering", destination.name)
-            return DeliveryResult(destination.name,
-                                  error=f"internal error: {type(exc).__name__}: {exc}")
 
     def _delivery_failed(self, job: Job, reason: str, *, retryable: bool,
                          seconds: dict[str, float] | None = None) -> Job:
@@ -511,6 +489,43 @@ class Runner:
         if self._next_due is None:
             return poll_seconds
         return min(poll_seconds, max(0.01, self._next_due - self.clock()))
+
+
+def run_pipeline(pipeline: Pipeline, config: Config, job: Job, inputs: Sequence[Path],
+                 seconds: dict[str, float], *,
+                 predecessors: Callable[[list[pydicom.Dataset]], list[pydicom.Dataset]]) -> Outcome:
+    """Check the size of the job's series from the headers of ``inputs`` (its spooled files,
+    or a worker's copies), then read and analyse it; the time of each stage goes into
+    ``seconds``. When a supplied segmentation is measured, ``predecessors(ct)`` gives the
+    earlier reports the new one replaces."""
+    started = time.perf_counter()
+    check_volume_size(read_headers(inputs), config.jobs.max_voxels)
+    datasets = read_inputs(inputs)
+    seconds["read"] = time.perf_counter() - started
+    ct = [ds for ds in datasets if not is_segmentation(ds)]
+    supplied = len(ct) < len(datasets)
+    outcome = pipeline.run(
+        datasets,
+        uid_seed=job.id,
+        # A supplied segmentation's job is keyed by its own series; the CT is analysed.
+        key=_series_key(ct[0]) if supplied and ct else job.key,
+        allow_gaps=bool(job.warnings),
+        progress=lambda stage: log.info("job %s: %s", job.id, stage),
+        predecessors=predecessors(ct) if supplied else (),
+    )
+    seconds.update(outcome.seconds)
+    return outcome
+
+
+def send(destination: Destination, datasets: Sequence[pydicom.Dataset]) -> DeliveryResult:
+    """One delivery attempt. A destination answers every failure with a result; one that
+    raises has a bug, which fails this job for good instead of the loop repeating it."""
+    try:
+        return destination.send(datasets)
+    except Exception as exc:
+        log.exception("destination %s raised instead of answering", destination.name)
+        return DeliveryResult(destination.name,
+                              error=f"internal error: {type(exc).__name__}: {exc}")
 
 
 def read_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:

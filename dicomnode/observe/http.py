@@ -43,6 +43,8 @@ from pydicom.valuerep import PersonName
 from dicomnode.config import Config, read_secret
 from dicomnode.errors import ConfigError
 from dicomnode.jobs.machine import IllegalTransition, JobEvent
+from dicomnode.jobs.remote import Conflict, RemoteJobs
+from dicomnode.jobs.runner import StorageFailure
 from dicomnode.jobs.store import Job, JobStore
 from dicomnode.observe.audit import AuditTrail
 from dicomnode.observe.health import HealthChecks
@@ -65,6 +67,10 @@ PAGE_JOBS = 200
 #: Seconds a client may take to send its request (a stalled socket must not hold a thread).
 REQUEST_SECONDS = 30
 _JOB_PATH = re.compile(r"^/jobs/([0-9a-f]{1,32})(/retry)?$")
+_INTERNAL_PATH = re.compile(r"^/internal/jobs/([0-9a-f]{1,32})/(claim|inputs|results|failed|delivered)"
+                            r"(?:/(\d+))?$")
+#: Largest results archive a worker may upload (a SEG, an SR, key images and a PDF).
+MAX_RESULTS_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ class Credentials:
     @classmethod
     def from_config(cls, config: Config) -> Credentials:
         http = config.http
-        token, password = _secret(http, "token"), _secret(http, "password")
+        token, password = _secret(config, "http", "token"), _secret(config, "http", "password")
         if http.credentials and not (token or password):
             raise ConfigError("http: the configured token or password is empty")
         return cls(token=token, username=http.username, password=password)
@@ -104,13 +110,14 @@ class Credentials:
         return ""
 
 
-def _secret(http: Any, name: str) -> str:
-    """The secret that ``http.<name>_env`` or ``http.<name>_file`` names, or ``""``."""
-    env, file = getattr(http, f"{name}_env"), getattr(http, f"{name}_file")
+def _secret(config: Config, section: str, name: str) -> str:
+    """The secret that ``<section>.<name>_env`` or ``<section>.<name>_file`` names, or ``""``."""
+    settings = getattr(config, section)
+    env, file = getattr(settings, f"{name}_env"), getattr(settings, f"{name}_file")
     try:
         return read_secret(env, file) or ""
     except ConfigError as exc:
-        raise ConfigError(f"http.{name}_{'env' if env else 'file'}: {exc}") from None
+        raise ConfigError(f"{section}.{name}_{'env' if env else 'file'}: {exc}") from None
 
 
 class StatusServer:
@@ -124,6 +131,9 @@ class StatusServer:
         What the pages, ``/metrics`` and ``/healthz`` show.
     listener
         The listener's state now.
+    remote
+        The workers' API (:class:`~dicomnode.jobs.remote.RemoteJobs`), served under
+        ``/internal`` to callers with ``[runner] worker_token_*``.
     secret
         The node's key for the patient hash and the anti-forgery tokens.
     """
@@ -131,8 +141,12 @@ class StatusServer:
     def __init__(self, config: Config, *, jobs: JobStore, audit: AuditTrail,
                  metrics: NodeMetrics, health: HealthChecks,
                  listener: Callable[[], ListenerState], secret: bytes,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], remote: RemoteJobs | None = None) -> None:
         self.config = config
+        #: The workers' API (``/internal``), with ``[runner] kind = "celery"``.
+        self.remote = remote
+        self.worker_token = (
+            _secret(config, "runner", "worker_token") if remote is not None else "")
         self.jobs = jobs
         self.audit = audit
         self.metrics = metrics
@@ -278,6 +292,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = urllib.parse.urlsplit(self.path).path
         if path == "/healthz":
             return self._healthz()
+        if path.startswith("/internal/"):
+            return self._internal("GET", path)
         access = self._access()
         if access is None:
             return None
@@ -293,8 +309,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._job_page(match.group(1), authorised)
         return self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
 
+    def do_PUT(self) -> None:  # noqa: N802
+        path = urllib.parse.urlsplit(self.path).path
+        if path.startswith("/internal/"):
+            return self._internal("PUT", path)
+        return self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
     def do_POST(self) -> None:  # noqa: N802
         path = urllib.parse.urlsplit(self.path).path
+        if path.startswith("/internal/"):
+            return self._internal("POST", path)
         match = _JOB_PATH.match(path)
         if not (match and match.group(2)):
             return self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
@@ -316,6 +340,65 @@ class _Handler(BaseHTTPRequestHandler):
         except IllegalTransition as exc:
             return self._send(HTTPStatus.CONFLICT, f"{exc}\n".encode(), "text/plain")
         return self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", {"Location": f"/jobs/{job_id}"})
+
+    # -- the workers' API ----------------------------------------------------------------------
+    def _internal(self, method: str, path: str) -> None:
+        status = self.status
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if (status.remote is None or scheme.lower() != "bearer"
+                or not hmac.compare_digest(token.strip().encode(), status.worker_token.encode())):
+            return self._send(HTTPStatus.UNAUTHORIZED, b"worker token required\n", "text/plain",
+                              {"WWW-Authenticate": "Bearer"})
+        match = _INTERNAL_PATH.match(path)
+        if not match:
+            return self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+        job_id, action, number = match.group(1), match.group(2), match.group(3)
+        try:
+            return self._internal_call(status.remote, method, job_id, action, number)
+        except KeyError as exc:
+            return self._send(HTTPStatus.NOT_FOUND, f"{exc}\n".encode(), "text/plain")
+        except (Conflict, IllegalTransition) as exc:
+            return self._send(HTTPStatus.CONFLICT, f"{exc}\n".encode(), "text/plain")
+        except StorageFailure as exc:
+            log.error("job %s: %s", job_id, exc)
+            return self._send(HTTPStatus.SERVICE_UNAVAILABLE, f"{exc}\n".encode(), "text/plain")
+
+    def _internal_call(self, remote: RemoteJobs, method: str, job_id: str, action: str,
+                       number: str | None) -> None:
+        route = (method, action)
+        if route == ("POST", "claim"):
+            return self._json(remote.claim(job_id, str(self._body_json().get("worker", "?"))))
+        if route == ("GET", "inputs") and number is not None:
+            data = remote.input_path(job_id, int(number)).read_bytes()
+            return self._send(HTTPStatus.OK, data, "application/dicom")
+        if route == ("PUT", "results"):
+            meta = json.loads(self.headers.get("X-Dicomnode-Meta") or "{}")
+            job = remote.store_results(job_id, self._body(MAX_RESULTS_BYTES), meta)
+            return self._json({"state": job.state.value})
+        if route == ("GET", "results"):
+            return self._send(HTTPStatus.OK, remote.results_archive(job_id), "application/x-tar")
+        if route == ("POST", "failed"):
+            body = self._body_json()
+            job = remote.failed(job_id, str(body["reason"]), retryable=bool(body["retryable"]),
+                                seconds=dict(body.get("seconds", {})))
+            return self._json({"state": job.state.value})
+        if route == ("POST", "delivered"):
+            body = self._body_json()
+            job = remote.delivered(job_id, body["results"], dict(body.get("seconds", {})))
+            return self._json({"state": job.state.value})
+        return self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+    def _body(self, limit: int) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > limit:
+            raise Conflict(f"request body of {length} bytes, more than {limit}")
+        return self.rfile.read(length)
+
+    def _body_json(self) -> dict[str, Any]:
+        return json.loads(self._body(1 << 20) or b"{}")
+
+    def _json(self, value: Any) -> None:
+        self._send(HTTPStatus.OK, json.dumps(value).encode(), "application/json")
 
     def _form(self) -> dict[str, str]:
         length = min(int(self.headers.get("Content-Length") or 0), 4096)
