@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,11 +44,17 @@ def _require_orthanc(*, dicomweb: bool = False) -> None:
                     "orthanc-dicomweb)")
 
 
+def _require_redis() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+
+
 #: The real parts each script needs (skip without them, fail under CI=true).
 REQUIRES = {
     "receive.py": lambda: (_require_dcmtk(), _require_orthanc()),
     "pacs_cohort.py": lambda: (_require_orthanc(dicomweb=True), require_cohort()),
     "e2e.py": lambda: _require_orthanc(dicomweb=True),
+    "celery_throughput.py": lambda: (_require_dcmtk(), _require_redis()),
 }
 
 #: What else a script's output must show, beyond one figure.
@@ -60,6 +67,7 @@ EXPECTED = {
                       r"whole tree peak +\d+ MB"],
     "pacs_cohort.py": [r"STS_\d+: identical"],
     # the whole time and its stages from the job's record, and the node's peak memory
+    "celery_throughput.py": [r"1 worker\(s\): \d+ series in [\d.]+ s, [\d.]+ series/min"],
     "e2e.py": [r"\| \*\*the same minus the quiet period\*\* \| [\d.]+ s \|",
                r"\| report \| [\d.]+ s \|", r"node peak RSS: \d+ MB"],
 }
