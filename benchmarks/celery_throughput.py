@@ -1,7 +1,7 @@
 """Throughput of a node whose jobs run on Celery workers: series per minute through 1 and 2
 workers, and the ratio, in one run.
 
-    python3 benchmarks/celery_throughput.py [--series 10] [--workers 1 2]
+    python3 benchmarks/celery_throughput.py [--series 10] [--workers 1 2] [--radiomics-workers 1]
     python3 benchmarks/celery_throughput.py --smoke      # one series, one worker (CI)
 
 For each worker count: a fresh Redis (``redis-server``), a node (``dicomnode serve`` with
@@ -29,12 +29,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from cluster import Cluster, Redis, phantom_files  # noqa: E402
 
 
-def run(series: int, workers: int, work: Path) -> tuple[float, list[int]]:
+def run(series: int, workers: int, work: Path, radiomics_workers: int) -> tuple[float, list[int]]:
     """Seconds from the first instance sent to the last job delivered, and the series each
     worker analysed."""
     redis = Redis(work / "redis").start()
     cluster = Cluster(work, redis, {"kind": "folder", "name": "results",
-                                    "path": str(work / "results")})
+                                    "path": str(work / "results")},
+                      radiomics={"workers": radiomics_workers})
     try:
         for _ in range(workers):
             cluster.start_worker()
@@ -57,16 +58,19 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--series", type=int, default=10)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--radiomics-workers", type=int, default=0,
+                        help="[radiomics] workers of each worker (0: one per core, the default)")
     parser.add_argument("--smoke", action="store_true", help="one series, one worker (CI)")
     args = parser.parse_args()
     if args.smoke:
         args.series, args.workers = 1, [1]
-    print(f"machine: {os.cpu_count()} CPU(s); {args.series} series of 48x128x128, "
-          "each job's pipeline on a worker", flush=True)
+    print(f"machine: {os.cpu_count()} CPU(s); {args.series} series of 48x128x128, each job's "
+          f"pipeline on a worker; radiomics workers per worker: {args.radiomics_workers or 'one per core'}",
+          flush=True)
     baseline = None
     for workers in args.workers:
         with tempfile.TemporaryDirectory(prefix="dicomnode-celery-") as folder:
-            seconds, share = run(args.series, workers, Path(folder))
+            seconds, share = run(args.series, workers, Path(folder), args.radiomics_workers)
         rate = 60 * args.series / seconds
         baseline = baseline or rate
         print(f"{workers} worker(s): {args.series} series in {seconds:.1f} s, "

@@ -18,7 +18,7 @@ from pathlib import Path
 from dicomnode.config import Config
 from dicomnode.deliver import make_destination
 from dicomnode.filemodes import make_node_private
-from dicomnode.jobs.remote import CeleryRunner, RemoteJobs
+from dicomnode.jobs.remote import RUNNER_KINDS, CeleryRunner, RemoteJobs
 from dicomnode.jobs.runner import Runner
 from dicomnode.jobs.store import JobStore
 from dicomnode.observe.audit import AuditTrail
@@ -107,21 +107,13 @@ class Node:
         self.jobs.close()
 
     def _make_runner(self, pipeline: Pipeline | None) -> Runner:
-        """The runner ``[runner] kind`` names: the pipeline here, or Celery workers."""
+        """The runner ``[runner] kind`` names (:data:`~dicomnode.jobs.remote.RUNNER_KINDS`):
+        the pipeline in this process, or Celery workers."""
         config = self.config
-        common: dict = dict(
-            index=self.index, jobs=self.jobs,
+        return RUNNER_KINDS[config.runner.kind].from_config(
+            config, pipeline=pipeline, index=self.index, jobs=self.jobs,
             destinations=[make_destination(d) for d in config.destinations],
             results_root=self.data_dir / "results", observer=self.observer)
-        if config.runner.kind == "celery":
-            from dicomnode.worker import make_app
-
-            # The workers load the models; the node only sends them the jobs.
-            return CeleryRunner(config, pipeline=None, app=make_app(config), **common)
-        # Loaded before the listener opens: a missing or broken model stops the node at
-        # start-up with the reason, instead of failing every job later.
-        return Runner(config, pipeline=pipeline if pipeline is not None else Pipeline.from_config(config),
-                      **common)
 
     # -- what the status page, /metrics and /healthz read ---------------------------------
     def _status_server(self) -> StatusServer:

@@ -8,6 +8,7 @@ Messages name hosts and instances, never secrets or patient data.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from io import BytesIO
 from typing import Protocol
@@ -29,8 +30,19 @@ class Destination(Protocol):
         ...  # pragma: no cover - protocol
 
 
+#: ``[[destinations]] kind`` -> the class that delivers there, as ``module:class``: imported
+#: when first used, so that a node that only writes folders never imports pynetdicom or
+#: requests, and each module stays importable on its own. A new kind is one line here (and
+#: its name in :class:`~dicomnode.config.DestinationConfig`).
+DESTINATION_KINDS: dict[str, str] = {
+    "folder": "dicomnode.deliver.folder:FolderDestination",
+    "stow": "dicomnode.deliver.stow:StowDestination",
+    "cstore": "dicomnode.deliver.cstore:CStoreDestination",
+}
+
+
 def make_destination(cfg: DestinationConfig, *, calling_ae_title: str = "DICOMNODE") -> Destination:
-    """Build the destination that ``cfg.kind`` names.
+    """Build the destination that ``cfg.kind`` names (:data:`DESTINATION_KINDS`).
 
     Parameters
     ----------
@@ -39,21 +51,14 @@ def make_destination(cfg: DestinationConfig, *, calling_ae_title: str = "DICOMNO
     calling_ae_title
         Our AE title when the destination is a DICOM peer (PS3.8 A-ASSOCIATE calling AE).
     """
-    # Imported here so that a node that only writes folders never imports pynetdicom or
-    # requests, and so that each module stays importable on its own.
-    if cfg.kind == "folder":
-        from dicomnode.deliver.folder import FolderDestination
-
-        return FolderDestination(cfg)
-    if cfg.kind == "stow":
-        from dicomnode.deliver.stow import StowDestination
-
-        return StowDestination(cfg)
+    try:
+        module, name = DESTINATION_KINDS[cfg.kind].split(":")
+    except KeyError:
+        raise ValueError(f"unknown destination kind {cfg.kind!r}") from None
+    kind = getattr(importlib.import_module(module), name)
     if cfg.kind == "cstore":
-        from dicomnode.deliver.cstore import CStoreDestination
-
-        return CStoreDestination(cfg, calling_ae_title=calling_ae_title)
-    raise ValueError(f"unknown destination kind {cfg.kind!r}")  # config validation prevents this
+        return kind(cfg, calling_ae_title=calling_ae_title)
+    return kind(cfg)
 
 
 def part10(ds: Dataset) -> bytes:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.analyse.supplied import is_segmentation
+from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError
 from dicomnode.jobs.machine import JobEvent, JobState
 from dicomnode.jobs.runner import Runner, StorageFailure, read_headers
@@ -64,6 +65,13 @@ class CeleryRunner(Runner):
         self._sent: set[tuple[str, str, float]] = set()
         #: Why the last sending failed (the broker is down), ``""`` when it did not.
         self.dispatch_error = ""
+
+    @classmethod
+    def from_config(cls, config: Config, *, pipeline: Any = None, **parts: Any) -> CeleryRunner:
+        """The runner that sends jobs to the broker; the workers load the models."""
+        from dicomnode.worker import make_app
+
+        return cls(config, pipeline=None, app=make_app(config), **parts)
 
     def step(self) -> Job | None:
         job = super().step()
@@ -242,3 +250,7 @@ def unpack_results(archive: bytes, folder: Path) -> None:
             data = tar.extractfile(member)
             assert data is not None
             (folder / name).write_bytes(data.read())
+
+
+#: ``[runner] kind`` -> the runner class (each built by its ``from_config``).
+RUNNER_KINDS: dict[str, type[Runner]] = {"embedded": Runner, "celery": CeleryRunner}

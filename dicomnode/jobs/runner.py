@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
@@ -117,6 +118,14 @@ class Runner:
             maximum_seconds=d.retry_max_seconds,
             give_up_after_seconds=d.give_up_after_seconds,
         )
+
+    @classmethod
+    def from_config(cls, config: Config, *, pipeline: Pipeline | None, **parts: Any) -> Runner:
+        """The embedded runner: the pipeline in this process (loaded now when not given: a
+        missing or broken model stops the node at start-up with the reason, instead of
+        failing every job later)."""
+        return cls(config, pipeline=pipeline if pipeline is not None else Pipeline.from_config(config),
+                   **parts)
 
     def result_folder(self, job: Job) -> Path:
         return self.results_root / job.id

@@ -187,3 +187,22 @@ def test_bad_urls_ports_and_clear_text_credentials_are_refused(data, fragment):
 def test_https_no_credentials_an_explicit_allowance_or_loopback_pass(keys):
     (destination,) = from_mapping(stow(**keys), environ={}).destinations
     assert destination.url == keys["url"]
+
+
+def test_every_kind_the_configuration_accepts_has_its_class():
+    """Destinations and runners are registries (kind -> class): a kind the schema allows but
+    no class serves would fail only when a node starts."""
+    import typing
+
+    from dicomnode.config import DestinationConfig, RunnerConfig
+    from dicomnode.deliver.base import DESTINATION_KINDS
+    from dicomnode.jobs.remote import RUNNER_KINDS
+
+    def kinds(cls: type) -> set[str]:
+        return set(typing.get_args(typing.get_type_hints(cls)["kind"]))
+
+    assert kinds(DestinationConfig) == set(DESTINATION_KINDS)
+    assert kinds(RunnerConfig) == set(RUNNER_KINDS)
+    for target in DESTINATION_KINDS.values():
+        module, name = target.split(":")
+        assert hasattr(__import__(module, fromlist=[name]), name), target
