@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="one small synthetic case, 1 round")
     args = parser.parse_args()
     config: Config = load(args.config)
-    extractor = RadiomicsExtractor.from_config(config.radiomics, config)
+    extractor = RadiomicsExtractor.from_config(config.radiomics)
     params = str(extractor.params_file)
     cases = [smoke_case()] if args.smoke else [read_case(n) for n in args.cases]
     rounds = 1 if args.smoke else args.rounds

@@ -544,10 +544,31 @@ class Config:
         if self.runner.kind == "celery" and not self.http.enabled:
             raise ConfigError("runner.kind: celery workers talk to the node over HTTP: "
                               "set http.enabled = true")
+        # Every relative path is resolved once, here, against the home: each stage then
+        # gets its section with absolute paths, whatever the working directory.
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            resolved = (tuple(_with_absolute_paths(v) for v in value)
+                        if isinstance(value, tuple) else _with_absolute_paths(value))
+            object.__setattr__(self, section.name, resolved)
 
     def resolve(self, path: Path) -> Path:
         """A configured path, made absolute against the project home."""
         return path if path.is_absolute() else home() / path
+
+
+def _with_absolute_paths(section: Any) -> Any:
+    """``section`` with its relative paths made absolute against :func:`home`: fields of type
+    ``Path``, and file names (``*_file``) given as text."""
+    hints = typing.get_type_hints(type(section))
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if hints[f.name] is Path and not value.is_absolute():
+            changes[f.name] = home() / value
+        elif f.name.endswith("_file") and value and not Path(value).is_absolute():
+            changes[f.name] = str(home() / value)
+    return dataclasses.replace(section, **changes) if changes else section
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

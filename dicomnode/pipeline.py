@@ -68,7 +68,7 @@ class Pipeline:
             config,
             segmenter=make_lesion_source(config.segmentation, config),
             measurer=Measurer.from_config(config),
-            predictor=Predictor.from_config(config.prediction, config),
+            predictor=Predictor.from_config(config.prediction),
             template=load_template(config.resolve(config.report.template_file)),
         )
 

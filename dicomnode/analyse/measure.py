@@ -45,8 +45,8 @@ class Measurer:
     def from_config(cls, config: Config) -> Measurer:
         """The measurer of the ``[radiomics]`` and ``[regional]`` sections of ``config``."""
         return cls(
-            RadiomicsExtractor.from_config(config.radiomics, config),
-            RegionalExtractor.from_config(config.regional, config),
+            RadiomicsExtractor.from_config(config.radiomics),
+            RegionalExtractor.from_config(config.regional),
         )
 
     @property

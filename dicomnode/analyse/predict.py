@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.config import Config, PredictionConfig
+from dicomnode.config import PredictionConfig
 from dicomnode.errors import ModelError
 from dicomnode.types import LesionFeatures, ModelInfo, Prediction, Subtype
 
@@ -211,9 +211,10 @@ class Predictor:
         return cls(TmbModel.load(Path(tmb_dir)), SubtypeModel.load(Path(subtype_dir)))
 
     @classmethod
-    def from_config(cls, cfg: PredictionConfig, config: Config) -> Predictor:
-        """The predictor described by the ``[prediction]`` section of a configuration."""
-        return cls.load(config.resolve(cfg.tmb_model_dir), config.resolve(cfg.subtype_model_dir))
+    def from_config(cls, cfg: PredictionConfig) -> Predictor:
+        """The predictor described by the ``[prediction]`` section of a configuration (its
+        paths resolved by :class:`~dicomnode.config.Config`)."""
+        return cls.load(cfg.tmb_model_dir, cfg.subtype_model_dir)
 
     @property
     def models(self) -> tuple[ModelInfo, ...]:

@@ -38,7 +38,7 @@ import yaml
 from radiomics import featureextractor
 
 from dicomnode.analyse.radiomics_engine import ProtocolRunner, grow, wavelet_reach
-from dicomnode.config import AUTO_MARGIN, Config, RadiomicsConfig, crop_margin
+from dicomnode.config import AUTO_MARGIN, RadiomicsConfig, crop_margin
 from dicomnode.errors import ConfigError, InputRejected, ModelError
 from dicomnode.types import LabelVolume, LesionFeatures, Volume
 
@@ -152,10 +152,11 @@ class RadiomicsExtractor:
         self._runner.close()
 
     @classmethod
-    def from_config(cls, cfg: RadiomicsConfig, config: Config) -> RadiomicsExtractor:
-        """The extractor described by the ``[radiomics]`` section of a configuration."""
+    def from_config(cls, cfg: RadiomicsConfig) -> RadiomicsExtractor:
+        """The extractor described by the ``[radiomics]`` section of a configuration (its
+        paths resolved by :class:`~dicomnode.config.Config`)."""
         return cls(
-            config.resolve(cfg.params_file),
+            cfg.params_file,
             crop_margin_mm=cfg.crop_margin_mm,
             workers=cfg.worker_processes,
         )

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, special
 
-from dicomnode.config import Config, RegionalConfig
+from dicomnode.config import RegionalConfig
 from dicomnode.errors import ConfigError, InputRejected
 from dicomnode.types import LabelVolume, LesionFeatures, Volume
 
@@ -380,8 +380,8 @@ class RegionalExtractor:
         )
 
     @classmethod
-    def from_config(cls, cfg: RegionalConfig, config: Config) -> RegionalExtractor:
-        """The extractor of the ``[regional]`` section (``config`` names no file it needs)."""
+    def from_config(cls, cfg: RegionalConfig) -> RegionalExtractor:
+        """The extractor of the ``[regional]`` section."""
         return cls(cfg)
 
     @property

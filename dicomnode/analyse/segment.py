@@ -214,7 +214,7 @@ class LesionSource(Protocol):
 def make_lesion_source(cfg: SegmentationConfig, config: Config) -> LesionSource:
     """The configured segmenter: a plugin's factory, or the U-Net in ``cfg.model_dir``."""
     if not cfg.plugin:
-        return Segmenter.from_config(cfg, config)
+        return Segmenter.from_config(cfg)
     module_name, _, attribute = cfg.plugin.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
@@ -287,9 +287,10 @@ class Segmenter:
         return cls(network, manifest, settings)
 
     @classmethod
-    def from_config(cls, cfg: SegmentationConfig, config: Config) -> Segmenter:
-        """:meth:`load` with the ``[segmentation]`` section; the model folder via ``config.resolve``."""
-        return cls.load(config.resolve(cfg.model_dir), cfg)
+    def from_config(cls, cfg: SegmentationConfig) -> Segmenter:
+        """:meth:`load` with the ``[segmentation]`` section (its model folder resolved by
+        :class:`~dicomnode.config.Config`)."""
+        return cls.load(cfg.model_dir, cfg)
 
     @property
     def info(self) -> ModelInfo:

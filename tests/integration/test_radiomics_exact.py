@@ -84,7 +84,7 @@ def relative_differences(reference: dict[str, float], names, values) -> dict[str
 @pytest.fixture(scope="module")
 def node_extractor():
     config = Config()
-    extractor = RadiomicsExtractor.from_config(config.radiomics, config)
+    extractor = RadiomicsExtractor.from_config(config.radiomics)
     assert extractor.crop_margin_mm == "auto"
     yield extractor
     extractor.close()

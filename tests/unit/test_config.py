@@ -206,3 +206,26 @@ def test_every_kind_the_configuration_accepts_has_its_class():
     for target in DESTINATION_KINDS.values():
         module, name = target.split(":")
         assert hasattr(__import__(module, fromlist=[name]), name), target
+
+
+def test_relative_paths_are_resolved_once_against_the_home(tmp_path, monkeypatch):
+    """Whatever the working directory, every stage gets absolute paths: the listener's TLS
+    files, a destination's CA and secret files, model folders, the data folder."""
+    from dicomnode.config import home
+
+    monkeypatch.chdir(tmp_path)
+    config = from_mapping({
+        "node": {"data_dir": "var/x", "tls_cert_file": "tls/n.crt", "tls_key_file": "tls/n.key"},
+        "http": {"token_file": "secrets/status"},
+        "destinations": [{"kind": "stow", "url": "https://pacs/dicom-web", "ca_file": "ca.pem",
+                          "token_file": "secrets/pacs"}],
+    })
+    assert config.node.data_dir == home() / "var/x"
+    assert config.node.tls_cert_file == str(home() / "tls/n.crt")
+    assert config.http.token_file == str(home() / "secrets/status")
+    (destination,) = config.destinations
+    assert (destination.ca_file, destination.token_file) == (
+        str(home() / "ca.pem"), str(home() / "secrets/pacs"))
+    assert config.segmentation.model_dir == home() / "models/segmentation"
+    absolute = from_mapping({"node": {"data_dir": str(tmp_path)}})
+    assert absolute.node.data_dir == tmp_path

@@ -30,7 +30,7 @@ TEST_CASES = 30
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
     config = Config()
-    return Predictor.from_config(config.prediction, config)
+    return Predictor.from_config(config.prediction)
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def test_negative_crop_margin_is_a_config_error() -> None:
 
 def test_from_config_resolves_the_shipped_protocol() -> None:
     config = Config(radiomics=RadiomicsConfig(crop_margin_mm=20.0))
-    extractor = RadiomicsExtractor.from_config(config.radiomics, config)
+    extractor = RadiomicsExtractor.from_config(config.radiomics)
     assert extractor.params_file == config.resolve(config.radiomics.params_file)
     assert extractor.crop_margin_mm == 20.0
     assert len(extractor.feature_names) == 1037

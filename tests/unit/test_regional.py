@@ -384,7 +384,7 @@ def test_configuration_section_and_environment_override():
         environ={"DICOMNODE_REGIONAL__SHAPE_DEGREE": "6"},
     )
     assert config.regional.ring_widths_mm == (3.0, 7.5)
-    extractor = RegionalExtractor.from_config(config.regional, config)
+    extractor = RegionalExtractor.from_config(config.regional)
     assert extractor.feature_names[0] == "wu_ring3_rim_ring_correlation"
     assert len(extractor.feature_names) == 2 * 8 + 4 + 6 + 6 + 4
     widths = from_mapping({}, environ={"DICOMNODE_REGIONAL__RING_WIDTHS_MM": "5,10,15"})

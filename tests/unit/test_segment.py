@@ -245,7 +245,7 @@ def test_auto_device_is_cuda_only_when_available(segmenter: Segmenter) -> None:
 
 def test_from_config_loads_the_configured_model() -> None:
     config = Config()
-    loaded = Segmenter.from_config(config.segmentation, config)
+    loaded = Segmenter.from_config(config.segmentation)
     assert loaded.info.name == segmenter_info_name()
     assert loaded.settings == config.segmentation
 
