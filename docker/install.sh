@@ -2,6 +2,7 @@
 # Installs dicomnode and what it needs on a Debian 12 / Python 3.11 machine (or image).
 #   bash docker/install.sh          the node and its demo (no Debian packages needed)
 #   bash docker/install.sh --test   also Orthanc + DICOMweb plugin, dcmtk, dicom3tools, openssl and redis-server for the tests,
+#                                   systemd's tools and curl for the deployment guide's checks (docs/deploy.md),
 #                                   and the real viewer: Chromium (+ nodejs/npm when node is missing),
 #                                   playwright-core and OHIF in tests/viewer (tests/viewer/install.sh)
 # Idempotent: what is already installed is kept.
@@ -19,6 +20,10 @@ if [ "$with_test" = 1 ]; then
   [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need=1
   debs=()
   if [ -n "$need" ]; then debs+=(orthanc orthanc-dicomweb dcmtk dicom3tools openssl); fi
+  # docs/deploy.md's checks (tests/integration/test_deploy.py): systemd-analyze, systemd-sysusers
+  # and journald's settings (nothing is started), and curl for the health check.
+  [ -x /usr/bin/systemd-analyze ] || debs+=(systemd)
+  [ -x /usr/bin/curl ] || debs+=(curl)
   # The real viewer (tests/integration/test_viewer.py): Debian's Chromium, driven from node.
   [ -x /usr/bin/chromium ] || debs+=(chromium)
   command -v node >/dev/null 2>&1 || debs+=(nodejs npm)
