@@ -112,7 +112,8 @@ class Node:
         config = self.config
         return RUNNER_KINDS[config.runner.kind].from_config(
             config, pipeline=pipeline, index=self.index, jobs=self.jobs,
-            destinations=[make_destination(d) for d in config.destinations],
+            destinations=[make_destination(d, calling_ae_title=config.node.ae_title)
+                          for d in config.destinations],
             results_root=self.data_dir / "results", observer=self.observer)
 
     # -- what the status page, /metrics and /healthz read ---------------------------------

@@ -20,6 +20,7 @@ give the same PDF, its creation date (the instance's Content Date and Time) amon
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -51,6 +52,9 @@ from dicomnode.types import Analysis
 #: Imaging Report Document Title"): what a PACS lists the PDF as.
 DOCUMENT_CONCEPT = Code("18748-4", "LN", "Diagnostic Imaging Report")
 PDF_MIME_TYPE = "application/pdf"
+
+# fontTools logs each font subset at INFO (about 25 lines per PDF): only its warnings.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 #: zlib level of the embedded key images (fpdf2's documented setting, 6 by default): level 1
 #: writes a key image in a third of the time for a 9 % larger PDF (47 key images of

@@ -10,6 +10,7 @@ import sqlite3
 import ssl
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -392,3 +393,19 @@ def test_the_server_thread_never_keeps_the_process_alive(served):
     served()
     threads = [t for t in threading.enumerate() if t.name == "dicomnode-http"]
     assert threads and all(t.daemon for t in threads)
+
+
+def test_the_node_calls_a_dicom_destination_with_its_own_ae_title(tmp_path):
+    from dicomnode.node import Node
+
+    config = from_mapping({
+        "node": {"ae_title": "RESEARCH_NODE", "data_dir": str(tmp_path), "port": 0},
+        "http": {"port": 0},
+        "destinations": [{"kind": "cstore", "name": "pacs", "ae_title": "PACS",
+                          "host": "127.0.0.1", "port": 4242}]})
+    unused = types.SimpleNamespace(close=lambda: None)  # no job runs: the pipeline is not used
+    node = Node(config, pipeline=unused)
+    try:
+        assert [d.calling_ae_title for d in node.runner.destinations] == ["RESEARCH_NODE"]
+    finally:
+        node.stop()
