@@ -344,15 +344,16 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
     config = _load_config(args.config)
     store = _job_store(config)
-    who = f"{getpass.getuser()} (command line)"
+    user = getpass.getuser()
     try:
         job = store.find(args.job)
-        job = store.transition(job.id, JobEvent.RETRY, f"retry requested by {who}")
+        job = store.transition(job.id, JobEvent.RETRY,
+                               f"retry requested on the command line by {user}")
     except (KeyError, IllegalTransition) as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return EXIT_ERROR
     with closing(_audit_trail(config)) as audit:
-        audit.job_retried(job.id, who)
+        audit.job_retried(job.id, f"{user} (command line)")
     print(f"job {job.id} is {job.state.value} again; a running node picks it up")
     return EXIT_OK
 

@@ -18,6 +18,7 @@ The tmpfs tests mount file systems, so they need root; without it they skip (and
 from __future__ import annotations
 
 import errno
+import getpass
 import os
 import subprocess
 import sys
@@ -173,7 +174,8 @@ def test_a_full_results_disk_fails_with_the_reason_and_retry_delivers(tmp_path, 
         wait_until(lambda: state_is(data_dir, "delivered"), 120, "the retried delivery", node)
         assert delivered_modalities(out) == DELIVERED_MODALITIES
         assert not [name for name in files_on(results) if name.endswith(".tmp")]
-        assert ("pending", "retry requested on the command line") in journal(data_dir)
+        assert ("pending", f"retry requested on the command line by {getpass.getuser()}") in \
+            journal(data_dir)
     finally:
         node.stop()
 

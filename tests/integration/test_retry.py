@@ -8,6 +8,8 @@ on its own).
 
 from __future__ import annotations
 
+import getpass
+import json
 import subprocess
 import sys
 import time
@@ -73,6 +75,11 @@ def test_a_failed_delivery_is_kept_with_its_reason_and_retried_on_request(tmp_pa
                        180, "the retried job to be delivered", node)
             journal = dicomnode(config, "jobs", "-v").stdout
             assert "failed -> pending: retry requested on the command line" in journal
+            trail = json.loads(dicomnode(config, "audit", "--json").stdout)
+            # Who asked is on record, beside the two deliveries it caused.
+            assert [(e["event"], e["actor"]) for e in trail if e["job_id"] == job["id"]][1:] == [
+                ("delivery_failed", "dicomnode"), ("retried", f"{getpass.getuser()} (command line)"),
+                ("delivered", "dicomnode")]
             again = dicomnode(config, "retry", job["id"])  # a delivered job is not re-queued
             assert again.returncode != 0 and "delivered" in again.stderr
         finally:
