@@ -237,13 +237,13 @@ def patient_label(inputs: tuple[Path, ...], secret: bytes) -> PatientLabel:
 
 
 def load_secret(path: Path) -> bytes:
-    """The node's secret key (created on first use, readable by the node only)."""
+    """The node's secret key, created on first use with the node's file modes (the umask of
+    :func:`~dicomnode.filemodes.make_node_private`: owner only, or ``node.file_group``)."""
     try:
         return bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError):
         key = secrets.token_bytes(32)
         path.write_text(key.hex())
-        path.chmod(0o600)
         return key
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import sqlite3
 import ssl
@@ -383,10 +384,14 @@ def test_patient_label_is_keyed_and_needs_no_name(tmp_path):
     assert patient_label((tmp_path / "gone.dcm",), b"k1") == PatientLabel("", "")
 
 
-def test_load_secret_is_made_once_and_private(tmp_path):
-    key = load_secret(tmp_path / "status.key")
+def test_load_secret_is_made_once_with_the_nodes_file_modes(tmp_path):
+    previous = os.umask(0o077)  # what make_node_private sets without a file_group
+    try:
+        key = load_secret(tmp_path / "status.key")
+    finally:
+        os.umask(previous)
     assert load_secret(tmp_path / "status.key") == key and len(key) == 32
-    assert (tmp_path / "status.key").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "status.key").stat().st_mode & 0o777 == 0o600
 
 
 def test_the_server_thread_never_keeps_the_process_alive(served):
