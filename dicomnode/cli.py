@@ -304,13 +304,18 @@ def _private_output(config: Config, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- jobs / retry
+def _node_database(config: Config, name: str, what: str) -> Path:
+    """A database of a node that has run with ``config``, or a :class:`ConfigError`."""
+    db = config.resolve(config.node.data_dir) / name
+    if not db.exists():
+        raise ConfigError(f"no {what} database at {db}: has the node run with this configuration?")
+    return db
+
+
 def _job_store(config: Config):
     from dicomnode.jobs.store import JobStore
 
-    db = config.resolve(config.node.data_dir) / "jobs.sqlite"
-    if not db.exists():
-        raise ConfigError(f"no job database at {db}: has the node run with this configuration?")
-    return JobStore(db)
+    return JobStore(_node_database(config, "jobs.sqlite", "job"))
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -361,10 +366,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def _audit_trail(config: Config):
     from dicomnode.observe.audit import AuditTrail
 
-    db = config.resolve(config.node.data_dir) / "index.sqlite"
-    if not db.exists():
-        raise ConfigError(f"no index database at {db}: has the node run with this configuration?")
-    return AuditTrail(db)
+    return AuditTrail(_node_database(config, "index.sqlite", "index"))
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
